@@ -1,0 +1,1 @@
+"""Prefect flows that schedule the stages described in dvc.yaml."""

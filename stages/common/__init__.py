@@ -1,0 +1,1 @@
+"""Code shared by the stages: params, command line, atomic outputs, geometry, scene reading."""

@@ -1,0 +1,58 @@
+"""Helpers for tests that run the whole pipeline in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+
+# A tiny default scene: a few frames, small images, so a full `dvc repro` takes seconds.
+TINY_SYNTH = {"n_frames": 10, "width": 240, "height": 136, "n_queries": 3}
+
+
+def env_with_venv() -> dict:
+    """Environment whose `python` is this interpreter (dvc.yaml commands say `python -m ...`)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = ""  # the copy's own stages/ must be imported, not this checkout's
+    return env
+
+
+def make_copy(dst: Path, synth: dict | None = None, ingest: dict | None = None) -> Path:
+    """Copy code, dvc.yaml and params.yaml into `dst`, `dvc init --no-scm` there, set small params."""
+    for name in ("stages", "flows"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, dst / name)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["synth"] = {**(params.get("synth") or {}), **TINY_SYNTH, **(synth or {})}
+    params["ingest"] = {**(params.get("ingest") or {}), **(ingest or {})}
+    write_params(dst, params)
+    dvc(dst, "init", "--no-scm", "-q")
+    dvc(dst, "config", "core.analytics", "false")
+    return dst
+
+
+def write_params(dst: Path, params: dict) -> None:
+    """Rewrite the copy's params.yaml."""
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def read_params(dst: Path) -> dict:
+    """The copy's params.yaml."""
+    return yaml.safe_load((dst / "params.yaml").read_text())
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `dvc ARGS` in `cwd` with this interpreter; with `check`, a failure shows its output."""
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env_with_venv(),
+                         capture_output=True, text=True, timeout=900)
+    if check and res.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
