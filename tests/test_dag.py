@@ -6,13 +6,15 @@ import importlib
 import json
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stages.common.cli import make_parser
 from tests.conftest import ROOT
-from tests.pipeline_copy import dvc, make_copy, read_params, write_params
+from tests.pipeline_copy import dvc, env_with_venv, make_copy, read_params, write_params
 
 
 def _resolved_stages(root: Path):
@@ -92,14 +94,32 @@ def test_dvc_repro_end_to_end_noop_param_change_and_new_scene(tmp_path):
 
 @pytest.mark.slow
 def test_prefect_flow_runs_stale_stages_and_commits(tmp_path):
-    from flows.pipeline import load_stages, pipeline
+    from flows.pipeline import load_stages
 
     root = make_copy(tmp_path / "repo")
     specs = {s.name: s for s in load_stages(root)}
     assert specs["ingest@street"].upstream == ("synth@street",)
-    out = pipeline(root=str(root))
-    assert out["ran"] == ["synth@street", "ingest@street"]
+
+    def flow(*args):
+        # A subprocess, as a user runs it: Prefect's temporary server and logging stay out of pytest.
+        env = {**env_with_venv(), "PREFECT_HOME": str(tmp_path / "prefect")}
+        res = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root), *args], cwd=root,
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout.strip().splitlines()[-1]
+
+    assert flow() == "ran: synth@street ingest@street; up to date: -"
     assert json.loads((root / "data/ingest/street/metrics.json").read_text())["query_frames"] == 3
-    # dvc commit recorded the results: `dvc repro` has nothing to do.
+    # dvc commit recorded the results: `dvc repro` has nothing to do, nor has the flow.
     assert "Running stage" not in dvc(root, "repro").stdout
-    assert pipeline(root=str(root))["ran"] == []
+    assert flow() == "ran: -; up to date: synth@street ingest@street"
+
+
+@pytest.mark.slow
+def test_prefect_flow_reports_a_failing_stage_in_one_line(tmp_path):
+    root = make_copy(tmp_path / "repo", ingest={"min_frames": 50})
+    env = {**env_with_venv(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    res = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 1
+    assert "error: flow: 1 stage(s) failed" in res.stderr and "min_frames" in res.stderr

@@ -231,7 +231,7 @@ def test_video_keyframes_timestamps_gt_and_manifest(tmp_path):
     assert list(cams) == ["0"] and cams["0"]["n_images"] == 15
     assert (cams["0"]["width"], cams["0"]["height"]) == (160, 90)
     intr = cams["0"]["intrinsics"]
-    assert (intr["fx"], intr["fy"], intr["cx"], intr["cy"]) == pytest.approx((150, 150, 79.75, 44.75))
+    assert (intr["fx"], intr["fy"], intr["cx"], intr["cy"]) == pytest.approx((150, 150, 80.0, 45.0))
 
 
 def test_video_fast_motion_keeps_every_frame_and_rotation_is_applied(tmp_path):
@@ -503,6 +503,6 @@ def test_real_fox_queries_gt_and_scaled_intrinsics(tmp_path):
     intr = cams["0"]["intrinsics"]
     assert (cams["0"]["width"], cams["0"]["height"]) == (270, 480)
     assert intr["fx"] == pytest.approx(1375.52 / 4) and intr["fy"] == pytest.approx(1374.49 / 4)
-    # pixel centres scale as (c + 0.5) * s - 0.5
-    assert (intr["cx"], intr["cy"]) == pytest.approx(((554.558 + 0.5) / 4 - 0.5, (965.268 + 0.5) / 4 - 0.5))
+    # COLMAP convention (pixel centres at +0.5): the principal point scales as c * s
+    assert (intr["cx"], intr["cy"]) == pytest.approx((554.558 / 4, 965.268 / 4))
     assert intr["model"] == "OPENCV" and intr["k1"] == pytest.approx(0.0578421)

@@ -41,11 +41,8 @@ class Intrinsics:
     def scaled(self, w: int, h: int) -> "Intrinsics":
         """The same camera for an image resized to `w` x `h` (distortion is scale-free)."""
         sx, sy = w / self.w, h / self.h
-        # pixel centres: (c + 0.5) * s - 0.5
-        return dataclasses.replace(
-            self, w=w, h=h, fx=self.fx * sx, fy=self.fy * sy,
-            cx=(self.cx + 0.5) * sx - 0.5, cy=(self.cy + 0.5) * sy - 0.5,
-        )
+        # COLMAP and nerfstudio put pixel centres at +0.5 (the image spans [0, w]), so c scales as c * s.
+        return dataclasses.replace(self, w=w, h=h, fx=self.fx * sx, fy=self.fy * sy, cx=self.cx * sx, cy=self.cy * sy)
 
     def K_33(self) -> np.ndarray:
         """Calibration matrix."""
