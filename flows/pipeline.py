@@ -120,14 +120,16 @@ def pipeline(root: str = ".", targets: list[str] | None = None) -> dict:
         )
     wait(list(futures.values()))
     failed = [n for n, f in futures.items() if f.state.is_failed() or f.state.is_crashed()]
-    ran = [n for n in futures if n not in failed]
+    ran = [n for n, f in futures.items() if f.state.is_completed()]
+    not_run = [n for n in futures if n not in failed and n not in ran]
     if ran:
         res = _dvc(root_p, "commit", "--force", *ran)
         if res.returncode != 0:
             raise RuntimeError(f"dvc commit failed: {res.stderr.strip()}")
     if failed:
         reasons = "; ".join(str(futures[n].state.message or n) for n in failed)
-        raise RuntimeError(f"{len(failed)} stage(s) failed: {reasons}")
+        skipped = f"; not run: {' '.join(not_run)}" if not_run else ""
+        raise RuntimeError(f"{len(failed)} stage(s) failed: {reasons}{skipped}")
     return {"ran": ran, "up_to_date": [s.name for s in specs if s.name not in stale]}
 
 

@@ -58,7 +58,10 @@ def test_paths_come_from_params():
 def test_dvc_repro_end_to_end_noop_param_change_and_new_scene(tmp_path):
     root = make_copy(tmp_path / "repo")
     first = dvc(root, "repro")
-    assert "Running stage 'synth@street'" in first.stdout and "Running stage 'ingest@street'" in first.stdout
+    for stage in ("synth@street", "ingest@street", "sfm@street"):
+        assert f"Running stage '{stage}'" in first.stdout
+    sfm_metrics = json.loads((root / "data/sfm/street/metrics.json").read_text())
+    assert sfm_metrics["registered_ratio"] == 1.0 and sfm_metrics["rotation_error_deg_median"] < 0.2
     metrics = json.loads((root / "data/ingest/street/metrics.json").read_text())
     assert metrics["frames_in"] == 10 and metrics["query_frames"] == 3
     assert metrics["mapping_frames"] + metrics["frames_quarantined"] <= metrics["frames_in"]
@@ -72,7 +75,7 @@ def test_dvc_repro_end_to_end_noop_param_change_and_new_scene(tmp_path):
     params = read_params(root)
     params["ingest"]["max_edge"] = 200
     write_params(root, params)
-    changed = dvc(root, "repro")
+    changed = dvc(root, "repro", "ingest")
     assert "Running stage 'ingest@street'" in changed.stdout
     assert "Running stage 'synth@street'" not in changed.stdout
     manifest = (root / "data/ingest/street/manifest.csv").read_text()
@@ -86,7 +89,7 @@ def test_dvc_repro_end_to_end_noop_param_change_and_new_scene(tmp_path):
     params = read_params(root)
     params["scenes"] = ["street", "extra"]
     write_params(root, params)
-    added = dvc(root, "repro")
+    added = dvc(root, "repro", "ingest")
     assert "Running stage 'ingest@extra'" in added.stdout
     assert "Running stage 'ingest@street'" not in added.stdout
     assert json.loads((root / "data/ingest/extra/metrics.json").read_text())["mapping_frames"] == 5
@@ -108,11 +111,11 @@ def test_prefect_flow_runs_stale_stages_and_commits(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         return res.stdout.strip().splitlines()[-1]
 
-    assert flow() == "ran: synth@street ingest@street; up to date: -"
+    assert flow() == "ran: synth@street ingest@street sfm@street; up to date: -"
     assert json.loads((root / "data/ingest/street/metrics.json").read_text())["query_frames"] == 3
     # dvc commit recorded the results: `dvc repro` has nothing to do, nor has the flow.
     assert "Running stage" not in dvc(root, "repro").stdout
-    assert flow() == "ran: -; up to date: synth@street ingest@street"
+    assert flow() == "ran: -; up to date: synth@street ingest@street sfm@street"
 
 
 @pytest.mark.slow
@@ -123,3 +126,4 @@ def test_prefect_flow_reports_a_failing_stage_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 1
     assert "error: flow: 1 stage(s) failed" in res.stderr and "min_frames" in res.stderr
+    assert "not run: sfm@street" in res.stderr
