@@ -15,6 +15,7 @@ demo: install
 	@echo "Done. Look at the results:"
 	@echo "  data/raw/street/          the rendered default scene (video.mp4, queries/, transforms.json, hdmap.geojson, points.ply)"
 	@echo "  data/ingest/street/       keyframes (images/, queries/), manifest.csv, cameras.json, metrics.json"
+	@echo "  data/sfm/street/          COLMAP model/, poses.csv, sparse.ply, metrics.json (pose errors vs ground truth)"
 	@echo "  dvc metrics show          every stage's numbers;  dvc dag  the pipeline"
 
 test: install
@@ -45,6 +46,8 @@ $(STAMP): pyproject.toml
 
 bench: install
 	$(BIN)/python bench/synth.py
+	$(BIN)/python bench/dvc_noop.py
+	$(BIN)/python bench/sfm.py
 
 clean:
-	rm -rf $(VENV) .dvc/cache .dvc/tmp data/raw/street data/ingest
+	rm -rf $(VENV) .dvc/cache .dvc/tmp data/raw/street data/ingest data/sfm
