@@ -60,13 +60,13 @@ class SfmParams:
 
     features: Literal["sift", "aliked"] = "sift"
     """Feature preset: SIFT, or ALIKED + LightGlue (needs pycolmap's model files available offline)."""
-    max_num_features: int = 4096
+    max_num_features: int = 2048
     """Features per image on the first attempt; the ladder doubles it."""
     matcher: Literal["auto", "sequential", "exhaustive", "retrieval"] = "auto"
     """auto: sequential for video, exhaustive up to `exhaustive_max_images` images, retrieval above."""
     exhaustive_max_images: int = 60
     """auto matcher: image sets up to this size are matched exhaustively."""
-    sequential_overlap: int = 8
+    sequential_overlap: int = 5
     """Sequential matching: each frame is matched with this many following frames."""
     retrieval_neighbors: int = 12
     """Retrieval matching and loop closure: pairs per image from VLAD similarity."""
@@ -102,8 +102,10 @@ class SfmParams:
     """Random seed of the mappers and of retrieval's k-means."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Feature extraction and matching device; cuda needs pycolmap's CUDA build."""
-    extraction: dict = dataclasses.field(default_factory=dict)
-    """Overrides merged into pycolmap.FeatureExtractionOptions (COLMAP's own keys)."""
+    extraction: dict = dataclasses.field(default_factory=lambda: {"sift": {"first_octave": 0}})
+    """Overrides merged into pycolmap.FeatureExtractionOptions (COLMAP's own keys); by default SIFT starts at
+    the native resolution (first_octave 0), ~3x faster than COLMAP's upsampled octave at no accuracy cost
+    measured on the default scene and kitti06."""
     matching: dict = dataclasses.field(default_factory=dict)
     """Overrides merged into pycolmap.FeatureMatchingOptions."""
     mapping: dict = dataclasses.field(default_factory=dict)
@@ -129,6 +131,8 @@ class Attempt:
 
     name: str
     max_num_features: int
+    upsample: bool
+    """SIFT from the upsampled octave (first_octave -1): more, smaller features."""
     matcher: str
     overlap: int
     neighbors: int
@@ -222,7 +226,7 @@ def _camera_params(intr: dict, model: str) -> tuple[str, str]:
     return "PINHOLE", ",".join(f"{intr[n]:.10g}" for n in ("fx", "fy", "cx", "cy"))
 
 
-def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int) -> None:
+def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int, upsample: bool) -> None:
     """Extract features into a new database, one camera per camera group (known intrinsics where given)."""
     for group, names in frames.groups.items():
         opts = pycolmap.FeatureExtractionOptions()
@@ -231,6 +235,8 @@ def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int) 
             opts.type = pycolmap.FeatureExtractorType.ALIKED_N16ROT
             opts.aliked.max_num_features = max_num_features
         merge_options(opts, params.extraction, "extraction")
+        if upsample:
+            opts.sift.first_octave = -1
         reader = pycolmap.ImageReaderOptions()
         intr = frames.intrinsics.get(group)
         if intr:
@@ -417,10 +423,10 @@ def ladder(frames: Frames, params: SfmParams) -> list[Attempt]:
     other_mapper = "incremental" if params.mapper == "global" else "global"
     f, o, k = params.max_num_features, params.sequential_overlap, params.retrieval_neighbors
     rungs = [
-        Attempt("base", f, first, o, k, params.mapper),
-        Attempt("more_features", 2 * f, first, 2 * o, 2 * k, params.mapper),
-        Attempt("other_matcher", 2 * f, other_matcher, 2 * o, 2 * k, params.mapper),
-        Attempt("other_mapper", 2 * f, other_matcher, 2 * o, 2 * k, other_mapper),
+        Attempt("base", f, False, first, o, k, params.mapper),
+        Attempt("more_features", 2 * f, True, first, 2 * o, 2 * k, params.mapper),
+        Attempt("other_matcher", 2 * f, True, other_matcher, 2 * o, 2 * k, params.mapper),
+        Attempt("other_mapper", 2 * f, True, other_matcher, 2 * o, 2 * k, other_mapper),
     ]
     return rungs[: params.max_attempts]
 
@@ -521,10 +527,11 @@ def write_outputs(tmp: Path, rec: Any, frames: Frames, reasons: dict[str, str]) 
 def evaluate(rec: Any, frames: Frames) -> dict:
     """Pose errors against ground truth for the registered images that have it (empty when none)."""
     est, gt = [], []
-    for im in rec.images.values():
-        if im.has_pose and im.name in frames.gt:
-            est.append(im.cam_from_world().matrix())
-            gt.append(frames.gt[im.name])
+    by_name = {im.name: im for im in rec.images.values() if im.has_pose}
+    for name in frames.names:  # capture order: the trajectory length sums consecutive steps
+        if name in by_name and name in frames.gt:
+            est.append(by_name[name].cam_from_world().matrix())
+            gt.append(frames.gt[name])
     if len(est) < 3:
         return {}
     err = pose_errors(est, gt)
@@ -551,13 +558,14 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
         feature_dbs: dict[int, Path] = {}
         for att in ladder(fr, params):
             t0 = time.perf_counter()
-            if att.max_num_features not in feature_dbs:
-                db = work / f"features_{att.max_num_features}.db"
-                extract(db, fr, params, att.max_num_features)
-                feature_dbs[att.max_num_features] = db
+            key = (att.max_num_features, att.upsample)
+            if key not in feature_dbs:
+                db = work / f"features_{att.max_num_features}_{int(att.upsample)}.db"
+                extract(db, fr, params, att.max_num_features, att.upsample)
+                feature_dbs[key] = db
             seconds["features"] += (t1 := time.perf_counter()) - t0
             db = work / f"{att.name}.db"
-            shutil.copy(feature_dbs[att.max_num_features], db)
+            shutil.copy(feature_dbs[key], db)
             n_pairs = match(db, work, fr, params, att)
             seconds["matching"] += (t2 := time.perf_counter()) - t1
             rotation_only = rotation_only_ratio(db)

@@ -33,6 +33,8 @@ def make_copy(dst: Path, synth: dict | None = None, ingest: dict | None = None) 
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["synth"] = {**(params.get("synth") or {}), **TINY_SYNTH, **(synth or {})}
     params["ingest"] = {**(params.get("ingest") or {}), **(ingest or {})}
+    if not synth:  # tiny frames need SIFT's upsampled octave for enough features
+        params["sfm"] = {**params["sfm"], "extraction": {"sift": {"first_octave": -1}}}
     write_params(dst, params)
     dvc(dst, "init", "--no-scm", "-q")
     dvc(dst, "config", "core.analytics", "false")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,6 +25,11 @@ TINY = SynthParams(n_frames=16, width=320, height=180, n_queries=2, output="imag
                    n_points=2000, supersample=1)
 
 
+# 320x180 frames need SIFT's upsampled octave (first_octave -1) for enough features; the default (0) is for
+# the default scene's 640x360 and larger.
+TINY_SFM = sfm.SfmParams(extraction={"sift": {"first_octave": -1}})
+
+
 @pytest.fixture(scope="module")
 def tiny_frames(tmp_path_factory) -> Path:
     """A 16-frame synthetic drive, ingested (known intrinsics and ground-truth poses)."""
@@ -36,7 +42,7 @@ def tiny_frames(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_sfm(tiny_frames, tmp_path_factory):
     """The sfm stage on the tiny drive with default params."""
-    return sfm.run(sfm.SfmParams(), frames=tiny_frames, out_dir=tmp_path_factory.mktemp("sfm") / "out")
+    return sfm.run(TINY_SFM, frames=tiny_frames, out_dir=tmp_path_factory.mktemp("sfm") / "out")
 
 
 def test_synthetic_drive_poses_match_ground_truth(tiny_sfm):
@@ -82,7 +88,7 @@ def test_outputs_are_a_colmap_model_and_a_point_cloud(tiny_sfm):
 def test_ladder_escalates_when_the_first_attempt_fails_the_gate(tiny_frames, tmp_path):
     # A track-length bar no model of 16 frames can reach: every rung runs (more features and matches,
     # another matcher, the incremental mapper), each is recorded with why it was rejected, the best is kept.
-    params = sfm.SfmParams(gate_min_track_length=50.0, max_num_features=1024)
+    params = dataclasses.replace(TINY_SFM, gate_min_track_length=50.0, max_num_features=1024)
     res = sfm.run(params, frames=tiny_frames, out_dir=tmp_path / "out")
     attempts = res.metrics["attempts"]
     assert [a["name"] for a in attempts] == ["base", "more_features", "other_matcher", "other_mapper"]
@@ -107,6 +113,7 @@ def test_health_gate_catches_a_wrong_focal_length():
 def test_ladder_order():
     frames = sfm.Frames(Path("."), [f"{i}.png" for i in range(30)], {}, {}, True, {}, False)
     rungs = sfm.ladder(frames, sfm.SfmParams())
+    assert [r.upsample for r in rungs] == [False, True, True, True]
     assert [r.matcher for r in rungs] == ["sequential", "sequential", "exhaustive", "exhaustive"]
     assert [r.mapper for r in rungs] == ["global", "global", "global", "incremental"]
     images = sfm.Frames(Path("."), [f"{i}.png" for i in range(200)], {}, {}, False, {}, False)

@@ -66,7 +66,10 @@ def rotation_angle_deg(R_33: np.ndarray) -> float:
 
 
 def pose_errors(est_cam_from_world: list[np.ndarray], gt_cam_from_world: list[np.ndarray]) -> dict:
-    """Sim3-align the estimate, then rotation (deg), position and ATE errors in ground-truth units."""
+    """Sim3-align the estimate, then rotation (deg), position and ATE errors in ground-truth units.
+
+    Both lists must be in capture order: the trajectory length (for the percentages) sums consecutive steps.
+    """
     sim3 = align_sim3(est_cam_from_world, gt_cam_from_world)
     rot_deg, pos = [], []
     for e, g in zip(est_cam_from_world, gt_cam_from_world):
