@@ -477,10 +477,15 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams) -> dict:
         inliers = cnt / len(below)
     heights = centers @ normal - offset
     h_med = float(np.median(heights))
-    if h_med <= 0:
-        raise StageError("the fitted ground plane is not below the cameras; set sfm.camera_height_m for a ground "
-                         "scene or check the input")
-    scale = params.camera_height_m / h_med
+    if h_med > 0:
+        scale = params.camera_height_m / h_med
+    else:
+        # No ground below the cameras (an object-centric capture): z up from the cameras, no metric scale.
+        log.warning("no ground plane below the cameras: gravity from the camera up vectors, scale left as is")
+        normal, offset, inliers, scale = up, float(np.median(h_pts)) if len(pts) else 0.0, 0.0, 1.0
+        heights = centers @ normal - offset
+        h_med = float(np.median(np.abs(heights))) or 1.0
+        info["scale_source"] = "none: no ground plane below the cameras"
     # Rotation taking `normal` to +z; x along the main direction of travel projected on the ground.
     travel = centers[-1] - centers[0]
     x = travel - (travel @ normal) * normal
@@ -496,7 +501,7 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams) -> dict:
         "ground_inlier_ratio": float(inliers),
         "camera_height_rel_spread": rel_spread,
         # High when the ground plane is well supported and the cameras ride at a constant height over it.
-        "scale_confidence": float(np.clip(inliers, 0, 1) * np.exp(-rel_spread / 0.1)),
+        "scale_confidence": float(np.clip(inliers, 0, 1) * np.exp(-rel_spread / 0.1)) if inliers else 0.0,
     })
     return info
 
