@@ -45,7 +45,7 @@ from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
 from stages.common.geometry import quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
-from stages.common.params import load_section
+from stages.common.params import load_section, require
 from stages.common.scene import Intrinsics, Transforms, find_scene_inputs, norm_rel, read_transforms
 
 log = logging.getLogger("scenepipe.ingest")
@@ -76,19 +76,16 @@ class IngestParams:
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a StageError naming the params section (stages.common.params.build).
-        rules = {
-            "max_edge": (self.max_edge >= 16, ">= 16"),
-            "min_frames": (self.min_frames >= 1, ">= 1"),
-            "query_every": (self.query_every == 0 or self.query_every >= 2, "0 or >= 2"),
-            "keyframe_motion": (self.keyframe_motion >= 0, ">= 0"),
-            "keyframe_window": (self.keyframe_window >= 1, ">= 1"),
-            "blur_ratio": (0 <= self.blur_ratio < 1, "in [0, 1)"),
-            "max_frames": (self.max_frames >= 1, ">= 1"),
-            "flow_width": (self.flow_width >= 64, ">= 64"),
-        }
-        for key, (ok, allowed) in rules.items():
-            if not ok:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is not allowed; it must be {allowed}")
+        require(self, [  # (ok, key, what is required)
+            (self.max_edge >= 16, "max_edge", "is not allowed; it must be >= 16"),
+            (self.min_frames >= 1, "min_frames", "is not allowed; it must be >= 1"),
+            (self.query_every == 0 or self.query_every >= 2, "query_every", "is not allowed; it must be 0 or >= 2"),
+            (self.keyframe_motion >= 0, "keyframe_motion", "is not allowed; it must be >= 0"),
+            (self.keyframe_window >= 1, "keyframe_window", "is not allowed; it must be >= 1"),
+            (0 <= self.blur_ratio < 1, "blur_ratio", "is not allowed; it must be in [0, 1)"),
+            (self.max_frames >= 1, "max_frames", "is not allowed; it must be >= 1"),
+            (self.flow_width >= 64, "flow_width", "is not allowed; it must be >= 64"),
+        ])
 
 
 INPUTS = {"scene": "scene folder: images/ or one video, optional queries/ and transforms.json"}

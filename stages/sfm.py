@@ -45,7 +45,7 @@ from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
 from stages.common.geometry import R_from_quat_wxyz, camera_center, quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
-from stages.common.params import load_section
+from stages.common.params import load_section, require
 
 log = logging.getLogger("scenepipe.sfm")
 
@@ -112,17 +112,14 @@ class SfmParams:
     """Overrides merged into the mapper's options (GlobalPipelineOptions or IncrementalPipelineOptions)."""
 
     def __post_init__(self) -> None:
-        rules = {
-            "max_num_features": self.max_num_features >= 64,
-            "min_images": self.min_images >= 2,
-            "max_attempts": self.max_attempts >= 1,
-            "gate_min_registered_ratio": 0 < self.gate_min_registered_ratio <= 1,
-            "camera_height_m": self.camera_height_m > 0,
-            "sequential_overlap": self.sequential_overlap >= 1,
-        }
-        for key, ok in rules.items():
-            if not ok:
-                raise ValueError(f"{key}: {getattr(self, key)!r} is out of range")
+        require(self, [  # (ok, key, what is required)
+            (self.max_num_features >= 64, "max_num_features", "must be at least 64"),
+            (self.min_images >= 2, "min_images", "must be at least 2"),
+            (self.max_attempts >= 1, "max_attempts", "must be at least 1"),
+            (0 < self.gate_min_registered_ratio <= 1, "gate_min_registered_ratio", "must lie in (0, 1]"),
+            (self.camera_height_m > 0, "camera_height_m", "must be positive"),
+            (self.sequential_overlap >= 1, "sequential_overlap", "must be at least 1"),
+        ])
 
 
 @dataclasses.dataclass(frozen=True)

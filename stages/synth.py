@@ -55,7 +55,7 @@ from stages.common.cli import guarded, make_parser
 from stages.common.device import pick_device
 from stages.common.geometry import camera_center, cam_from_world_to_world_from_cam_gl, look_at_cam_from_world
 from stages.common.outputs import atomic_dir, write_json
-from stages.common.params import load_section
+from stages.common.params import load_section, require
 
 log = logging.getLogger("scenepipe.synth")
 
@@ -176,9 +176,7 @@ class SynthParams:
             (self.n_points >= 0, "n_points", "must be 0 or more"),
             (self.points_ahead_m >= 0, "points_ahead_m", "must be 0 or more"),
         ]
-        for ok, key, what in checks:
-            if not ok:
-                raise ValueError(f"{key}: {getattr(self, key)!r} {what}")
+        require(self, checks)
 
 
 @dataclasses.dataclass(frozen=True)

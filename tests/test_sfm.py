@@ -189,3 +189,10 @@ def test_real_scene_against_ground_truth(scene, tmp_path):
     assert m["rotation_error_deg_median"] <= 0.2, m
     if scene == "kitti06":  # metric ground truth: the camera-height scale lands within a few percent
         assert m["scale_vs_gt"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_out_of_range_param_names_the_key(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("sfm: {max_num_features: 10}\n")
+    assert sfm.main(["--frames", str(tmp_path), "--out", str(tmp_path / "out"), "--params",
+                     str(tmp_path / "p.yaml")]) == 1
+    assert "max_num_features: 10 must be at least 64" in capsys.readouterr().err

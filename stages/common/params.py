@@ -86,6 +86,16 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def require(params: Any, checks: list[tuple[bool, str, str]]) -> None:
+    """In a params dataclass's __post_init__: the first failed (ok, key, what is required) raises ValueError.
+
+    `build` turns it into a StageError naming the params section, e.g. "params.yaml:synth: fps: 0 must be positive".
+    """
+    for ok, key, what in checks:
+        if not ok:
+            raise ValueError(f"{key}: {getattr(params, key)!r} {what}")
+
+
 def build(cls: type[T], section: dict | None, where: str) -> T:
     """Build dataclass `cls` from a mapping; unknown keys and bad values raise StageError."""
     section = section or {}
