@@ -40,7 +40,7 @@ import pandas as pd
 import pycolmap
 from scipy.cluster.vq import kmeans2
 
-from stages.common.align import pose_errors
+from stages.common.align import pose_errors, rotation_angle_deg
 from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
 from stages.common.geometry import R_from_quat_wxyz, camera_center, quat_wxyz_from_R
@@ -214,7 +214,7 @@ def _device(pref: str) -> pycolmap.Device:
     return pycolmap.Device.cuda if pref != "cpu" and pycolmap.has_cuda else pycolmap.Device.cpu
 
 
-def _camera_params(intr: dict, model: str) -> tuple[str, str]:
+def _camera_params(intr: dict) -> tuple[str, str]:
     """COLMAP camera model and params string for known intrinsics."""
     k = [intr.get(n, 0.0) for n in ("k1", "k2", "p1", "p2")]
     if any(abs(v) > 0 for v in k):
@@ -237,7 +237,7 @@ def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int, 
         reader = pycolmap.ImageReaderOptions()
         intr = frames.intrinsics.get(group)
         if intr:
-            reader.camera_model, reader.camera_params = _camera_params(intr, params.camera_model)
+            reader.camera_model, reader.camera_params = _camera_params(intr)
         else:
             reader.camera_model = params.camera_model
         try:
@@ -374,8 +374,7 @@ def model_numbers(rec: Any, frames: Frames) -> dict:
         poses = sorted(((order[im.name], im.cam_from_world().matrix()) for im in reg), key=lambda t: t[0])
         centers = np.stack([camera_center(p) for _, p in poses])
         steps = np.linalg.norm(np.diff(centers, axis=0), axis=1)
-        turns = [math.degrees(np.arccos(np.clip((np.trace(a[:3, :3] @ b[:3, :3].T) - 1) / 2, -1, 1)))
-                 for (_, a), (_, b) in zip(poses, poses[1:])]
+        turns = [rotation_angle_deg(a[:3, :3] @ b[:3, :3].T) for (_, a), (_, b) in zip(poses, poses[1:])]
         out["step_ratio"] = float(steps.max() / max(np.median(steps), 1e-12))
         out["max_turn_deg"] = float(max(turns))
     return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +143,7 @@ def _assert_fails_cleanly(frames: Path, out: Path, pattern: str, **params):
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
-def test_too_few_and_single_image(tiny_frames, tmp_path):
+def test_too_few_and_single_image(tmp_path):
     rng = np.random.default_rng(0)
     one = _scene_from_images(tmp_path / "one", [rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)])
     _assert_fails_cleanly(one, tmp_path / "out1", r"only 1 mapping image.*sfm.min_images=3")
