@@ -1,25 +1,41 @@
-"""Reading a scene folder in the format of DESIGN.md: images/ or one video, queries/, transforms.json.
+"""Reading a scene folder in the format of DESIGN.md: images/ or one video, queries/, transforms.json, scene.yaml.
 
 transforms.json follows nerfstudio: shared intrinsics (`camera_model`, `fl_x`, `fl_y`, `cx`, `cy`, `w`,
 `h`, optional `k1 k2 p1 p2`, any of which a frame may override) and per-frame camera-to-world
-`transform_matrix` in OpenGL axes keyed by `file_path` relative to the scene folder; plus our key
-`metric`. A frame of a video scene names the video as `file_path` and gives its `timestamp` in seconds.
+`transform_matrix` in OpenGL axes keyed by `file_path` relative to the scene folder (and inside it); plus
+our key `metric`. A frame of a video scene names the video as `file_path` and gives its `timestamp` in seconds.
+
+scene.yaml holds `SceneSettings`: facts about one capture that override params.yaml for that scene only.
+Ingest copies the resolved settings into its output folder, where later stages read them with
+`read_scene_settings`.
+
+An image folder is a sequence (frames in capture order) when its file names say so (`sequence_order`):
+one integer field that counts up, everything around it the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Literal
 
 import numpy as np
+import yaml
 
 from stages.common.errors import StageError
 from stages.common.geometry import world_from_cam_gl_to_cam_from_world
+from stages.common.params import build, require
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k2", "p1", "p2", "camera_model")
+SCENE_SETTINGS_FILE = "scene.yaml"
+# Fewer files than this say nothing about an order: any two names "count up".
+MIN_SEQUENCE_FILES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +97,28 @@ class Transforms:
         return sorted((f for f in self.frames if f.timestamp is not None), key=lambda f: f.timestamp)
 
 
+class OutsideScene(ValueError):
+    """A path that is absolute or climbs out of the scene folder; the message says which."""
+
+
 def norm_rel(path: str) -> str:
-    """Normalise a scene-relative path ('./images/a.png' -> 'images/a.png')."""
-    parts = [p for p in Path(path).as_posix().split("/") if p not in ("", ".")]
+    """Normalise a scene-relative path ('./images/../images/a.png' -> 'images/a.png'); OutsideScene if it leaves.
+
+    Judged on the text alone, without following symlinks: a link inside the scene folder is the user's
+    choice, while an absolute path or a `..` that climbs above the folder never names part of the scene.
+    """
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive:
+        raise OutsideScene("is absolute")
+    parts: list[str] = []
+    for p in PurePosixPath(path).as_posix().split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise OutsideScene("climbs out of the scene folder with '..'")
+            parts.pop()
+        else:
+            parts.append(p)
     return "/".join(parts)
 
 
@@ -132,7 +167,17 @@ def read_transforms(scene_dir: str | Path, check_files: bool = True) -> Transfor
         where = f"{path} frame {i}"
         if not isinstance(fr, dict) or "file_path" not in fr:
             raise StageError(f"{where}: has no 'file_path'")
-        rel = norm_rel(str(fr["file_path"]))
+        try:
+            rel = norm_rel(str(fr["file_path"]))
+        except OutsideScene as exc:
+            # Refused even when the file exists: ground truth must describe the scene, not any file on disk.
+            raise StageError(
+                f"{path}: frame {i} has file_path {fr['file_path']!r}, which {exc}; file paths must be relative "
+                "to the scene folder and stay inside it"
+            ) from None
+        if not rel:
+            raise StageError(f"{path}: frame {i} has file_path {fr['file_path']!r}, which names the scene folder "
+                             "itself; give the path of its image or video relative to the scene folder")
         if check_files and not (scene_dir / rel).exists():
             raise StageError(
                 f"{path} names a missing file {fr['file_path']!r} (frame {i}); fix its file_path or "
@@ -150,12 +195,98 @@ def read_transforms(scene_dir: str | Path, check_files: bool = True) -> Transfor
 
 
 @dataclasses.dataclass(frozen=True)
+class SceneSettings:
+    """Facts about one capture (scene.yaml in the scene folder) that override params.yaml for this scene only."""
+
+    camera_height_m: float | None = None
+    """Camera height above the road (m) in a driving capture; overrides sfm.camera_height_m; null = params.yaml's."""
+    metric_scale: Literal["auto", "camera_height", "none"] = "auto"
+    """Metric scale from camera height: auto (if sfm finds a ground plane under the cameras), camera_height, none."""
+    sequence: bool | None = None
+    """Force (true/false) whether images/ is an ordered sequence; null = decide from the file names."""
+
+    def __post_init__(self) -> None:
+        # A ValueError here becomes a StageError naming the file (stages.common.params.build).
+        require(self, [  # (ok, key, what is required)
+            (self.camera_height_m is None or 0 < self.camera_height_m < math.inf, "camera_height_m",
+             "is not allowed; it must be a height > 0 in metres, or null to use params.yaml"),
+        ])
+
+
+def read_scene_settings(folder: str | Path) -> SceneSettings:
+    """`folder/scene.yaml` as SceneSettings (defaults when there is none); a malformed file is a StageError."""
+    path = Path(folder) / SCENE_SETTINGS_FILE
+    if not path.is_file():
+        return SceneSettings()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path} is not valid YAML ({exc}); fix or remove it".replace("\n", " ")) from None
+    if data is not None and not isinstance(data, dict):
+        raise StageError(f"{path} must hold a mapping of settings (e.g. `camera_height_m: 1.65`), "
+                         f"found {type(data).__name__}; fix or remove it")
+    try:
+        return build(SceneSettings, data, str(path))
+    except StageError as exc:
+        # build names a key as "<where>.<key>", which after a file name reads like another file name.
+        raise StageError(str(exc).replace(f"{path}.", f"{path}: ", 1)) from None
+
+
+def write_scene_settings(folder: str | Path, settings: SceneSettings) -> Path:
+    """Write every key of `settings` (nulls included) to `folder/scene.yaml`, readable by `read_scene_settings`."""
+    path = Path(folder) / SCENE_SETTINGS_FILE
+    text = yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False, default_flow_style=False)
+    path.write_text("# Per-scene settings (the scene's scene.yaml over the defaults); null: params.yaml or "
+                    "decided by the stages.\n" + text)
+    return path
+
+
+def _name_tokens(name: str) -> list[str]:
+    """Text and digit runs, alternating, text first and last: 'img10.png' -> ['img', '10', '.png']."""
+    return re.split(r"(\d+)", name)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value ('img9.png' before 'img10.png')."""
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(_name_tokens(name)))
+
+
+def sequence_order(names: Sequence[str]) -> list[int] | None:
+    """Capture order (indices into `names`) when the names count up in one integer field, else None.
+
+    Sequence: the same text around one digit run that differs between files (000000.png, 000001.png;
+    frame_0001.jpg; IMG_1234.JPG; img9.png, img10.png), gaps allowed. Not a sequence: fewer than
+    MIN_SEQUENCE_FILES names, no digits, different text or extensions, two digit runs that vary
+    (Flickr ids `02928139_3448003521.jpg`), or two names with the same number (img1.png, img01.png).
+    """
+    if len(names) < MIN_SEQUENCE_FILES:
+        return None
+    tokens = [_name_tokens(n) for n in names]
+    first = tokens[0]
+    if len(first) < 3 or any(len(t) != len(first) for t in tokens):
+        return None
+    if any(t[k] != first[k] for t in tokens for k in range(0, len(first), 2)):
+        return None
+    varying = [k for k in range(1, len(first), 2) if any(t[k] != first[k] for t in tokens)]
+    if len(varying) != 1:
+        return None
+    values = [int(t[varying[0]]) for t in tokens]
+    if len(set(values)) != len(values):
+        return None
+    return sorted(range(len(names)), key=values.__getitem__)
+
+
+@dataclasses.dataclass(frozen=True)
 class SceneInputs:
-    """What a scene folder holds."""
+    """What a scene folder holds; `images` in capture order when they are a sequence, else by name."""
 
     video: Path | None
     images: list[Path]
     queries: list[Path]
+    sequence: bool = False
+    """Frames are in capture order: always for a video; for images/ by their names or scene.yaml."""
+    sequence_from: Literal["video", "file names", "scene.yaml"] = "file names"
+    """What decided `sequence`."""
 
 
 def _files(folder: Path) -> list[Path]:
@@ -164,8 +295,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def find_scene_inputs(scene_dir: str | Path) -> SceneInputs:
-    """Locate images/ or the one video, and queries/, in a scene folder; nothing usable is a StageError."""
+def find_scene_inputs(scene_dir: str | Path, sequence: bool | None = None) -> SceneInputs:
+    """Locate images/ or the one video, and queries/, in a scene folder; nothing usable is a StageError.
+
+    `sequence` (scene.yaml's) forces whether images/ is an ordered sequence; None judges by the file names.
+    """
     scene_dir = Path(scene_dir)
     if not scene_dir.is_dir():
         raise StageError(f"scene folder not found: {scene_dir}; put the scene in data/raw/<scene>/")
@@ -182,4 +316,14 @@ def find_scene_inputs(scene_dir: str | Path) -> SceneInputs:
             f"{scene_dir} has no input: expected images in {scene_dir / 'images'} or one video "
             f"({', '.join(VIDEO_EXTS)})"
         )
-    return SceneInputs(video=videos[0] if videos else None, images=images, queries=queries)
+    if videos:
+        return SceneInputs(video=videos[0], images=[], queries=queries, sequence=True, sequence_from="video")
+    order = sequence_order([p.name for p in images])
+    if sequence is None:
+        is_seq, source = order is not None, "file names"
+    else:
+        is_seq, source = sequence, "scene.yaml"
+    if is_seq:
+        # Names that do not fit one pattern (forced by scene.yaml) still sort img9 before img10.
+        images = [images[i] for i in order] if order is not None else sorted(images, key=lambda p: natural_key(p.name))
+    return SceneInputs(video=None, images=images, queries=queries, sequence=is_seq, sequence_from=source)
