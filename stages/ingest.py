@@ -10,15 +10,34 @@ apart) the sharpest is kept. Frames far blurrier than their neighbours are never
 
 Images (`images/`, and `queries/` for both kinds of scene): EXIF-upright, downscaled to `max_edge` (never
 upscaled), grouped by camera: (upright source size, EXIF make, model, known intrinsics) -> integer group.
-Unreadable, truncated, empty or non-image files and exact duplicates are quarantined with a reason rather
-than failing the run; too few usable mapping frames (`min_frames`) is an error. Query frames come from
-`queries/` when it exists, else every `query_every`-th kept mapping frame is held out.
+Unreadable, truncated, empty or non-image files, exact duplicates, images whose shorter side is below
+`min_image_edge` and blank ones (grey standard deviation below BLANK_GREY_STD levels: nothing to match)
+are quarantined with a reason rather than failing the run; blank video frames are skipped as keyframe
+candidates. Too few usable mapping frames (`min_frames`) is an error. Query frames come from `queries/`
+when it exists, else every `query_every`-th kept mapping frame is held out.
+
+Capture order: a video is a sequence; images/ is one when its file names count up in one integer field
+(000000.png.., frame_0001.jpg.., IMG_1234.JPG..; stages.common.scene.sequence_order), and is then read in
+that numeric order (frame_index = position in capture order), else by name. metrics.json records
+`sequence` (true|false) and `sequence_from` (video | file names | scene.yaml); sfm checks that consecutive
+frames overlap before trusting it.
+
+scene.yaml (optional, in the scene folder beside images/ or the video) holds facts about this capture that
+override params.yaml for this scene only (stages.common.scene.SceneSettings): `camera_height_m` (metres
+above the road; null = sfm.camera_height_m), `metric_scale` (auto | camera_height | none) and `sequence`
+(true | false forces the judgement above; null = decide from the names), e.g.
+
+    camera_height_m: 1.65
+    metric_scale: camera_height
+
+A malformed scene.yaml is an error naming the key. Ingest writes the settings, every key with nulls, to
+`scene.yaml` in --out, where later stages read them (stages.common.scene.read_scene_settings).
 
 Ground truth from transforms.json is carried for evaluation only: poses into the manifest (COLMAP
 cam_from_world), intrinsics scaled to the output size into cameras.json, `metric` into metrics.json.
 
 Outputs in --out: images/ and queries/ (frames), manifest.csv (one row per decoded video frame or input
-file, quarantined ones included), cameras.json (per camera group), metrics.json.
+file, quarantined ones included), cameras.json (per camera group), scene.yaml, metrics.json.
 """
 
 from __future__ import annotations
@@ -46,7 +65,15 @@ from stages.common.errors import StageError
 from stages.common.geometry import quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
-from stages.common.scene import Intrinsics, Transforms, find_scene_inputs, norm_rel, read_transforms
+from stages.common.scene import (
+    Intrinsics,
+    Transforms,
+    find_scene_inputs,
+    norm_rel,
+    read_scene_settings,
+    read_transforms,
+    write_scene_settings,
+)
 
 log = logging.getLogger("scenepipe.ingest")
 
@@ -73,6 +100,8 @@ class IngestParams:
     """Video: most keyframes kept; with more, the motion threshold is raised until they fit."""
     flow_width: int = 640
     """Video: width in pixels at which frames are scored, so motion thresholds do not depend on resolution."""
+    min_image_edge: int = 32
+    """Images and video frames whose shorter side is below this many pixels are quarantined: too small to match."""
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a StageError naming the params section (stages.common.params.build).
@@ -85,11 +114,12 @@ class IngestParams:
             (0 <= self.blur_ratio < 1, "blur_ratio", "is not allowed; it must be in [0, 1)"),
             (self.max_frames >= 1, "max_frames", "is not allowed; it must be >= 1"),
             (self.flow_width >= 64, "flow_width", "is not allowed; it must be >= 64"),
+            (self.min_image_edge >= 1, "min_image_edge", "is not allowed; it must be >= 1"),
         ])
 
 
-INPUTS = {"scene": "scene folder: images/ or one video, optional queries/ and transforms.json"}
-OUTPUTS = {"out": "output folder: images/, queries/, manifest.csv, cameras.json, metrics.json"}
+INPUTS = {"scene": "scene folder: images/ or one video, optional queries/, transforms.json and scene.yaml"}
+OUTPUTS = {"out": "output folder: images/, queries/, manifest.csv, cameras.json, scene.yaml, metrics.json"}
 
 MANIFEST_COLUMNS = [
     "name", "source", "frame_index", "timestamp", "split", "reason", "sharpness", "sharpness_rel", "motion_px",
@@ -104,6 +134,11 @@ IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"II*\x00":
                b"GIF8": "GIF"}
 # Fewer surviving corner tracks than this and the motion estimate is noise: call tracking lost.
 MIN_TRACKS = 12
+# Blank: grey values (0-255, at scoring size) spread less than this. A flat field after 8-bit quantisation
+# and compression spreads well below 1 level; any lit surface, even a dim low-contrast wall, spreads over
+# several (real captures here: 35 and more). For scale, COLMAP's SIFT keeps only extrema above ~1.7 grey
+# levels of difference-of-Gaussians response: below this there is nothing to match, only SfM to confuse.
+BLANK_GREY_STD = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +166,19 @@ def scoring_grey(pixels: np.ndarray, flow_width: int) -> tuple[np.ndarray, float
 def sharpness(grey: np.ndarray) -> float:
     """Variance of the Laplacian: higher is sharper."""
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def blank_reason(grey: np.ndarray) -> str:
+    """Why a grey image holds nothing to match (standard deviation below BLANK_GREY_STD levels), or ""."""
+    std = float(grey.std())
+    return f"blank: no texture (grey std {std:.1f} < {BLANK_GREY_STD:g})" if std < BLANK_GREY_STD else ""
+
+
+def too_small_reason(width: int, height: int, min_edge: int) -> str:
+    """Why a `width` x `height` image is too small to use (shorter side below `min_edge`), or ""."""
+    if min(width, height) >= min_edge:
+        return ""
+    return f"too small: {width}x{height} px, below ingest.min_image_edge={min_edge}"
 
 
 def track_motion(prev_grey: np.ndarray, grey: np.ndarray) -> float:
@@ -539,15 +587,23 @@ def _ingest_files(files: Sequence[Path], *, split: str, hold_out: int, scene_dir
         except Unusable as exc:
             _quarantine(row, str(exc))
             continue
+        h, w = img.pixels.shape[:2]
+        # Before the duplicate check: six identical 1x1 files are "too small", which says what to fix.
+        why = too_small_reason(w, h, params.min_image_edge)
+        grey = scoring_grey(img.pixels, params.flow_width)[0] if not why else None
+        why = why or blank_reason(grey)
+        if why:
+            _quarantine(row, why)
+            continue
         digest = hashlib.sha1(repr(img.pixels.shape).encode() + img.pixels.tobytes()).hexdigest()
         if digest in seen:
             _quarantine(row, f"duplicate of {seen[digest]}")
             continue
         seen[digest] = rel
-        row.src_height, row.src_width = img.pixels.shape[:2]
+        row.src_height, row.src_width = h, w
         row.width, row.height = fit_size(row.src_width, row.src_height, params.max_edge)
         row.make, row.model = img.make, img.model
-        row.sharpness = sharpness(scoring_grey(img.pixels, params.flow_width)[0])
+        row.sharpness = sharpness(grey)
         gt = gt_by_path.get(rel)
         row.cam_from_world_34 = gt.cam_from_world_34 if gt else None
         row.intrinsics = gt.intrinsics if gt else (transforms.intrinsics if transforms else None)
@@ -565,20 +621,31 @@ def _ingest_video(video: Path, *, hold_out: int, scene_dir: Path, tmp: Path, par
     """Score every frame, choose keyframes, write them, and return one row per decoded frame plus video facts."""
     frames = VideoFrames(video)
     rel = norm_rel(video.relative_to(scene_dir).as_posix())
-    ts, sharp, motion, corrupt, sizes = [], [], [], [], []
+    ts, sharp, motion, sizes = [], [], [], []
+    unusable: list[str] = []  # per frame: why it is quarantined (corrupt, too small), or ""
+    blank: list[str] = []  # per frame: why it is blank, or ""
     prev = None
     bar = tqdm(frames, total=frames.expected_frames or None, desc=f"ingest: scoring {video.name}", unit="frame",
                disable=None)
     for _i, t, rgb, bad in bar:
         ts.append(t)
-        corrupt.append(bad)
-        sizes.append((rgb.shape[1], rgb.shape[0]))
-        if bad:
+        h, w = rgb.shape[:2]
+        sizes.append((w, h))
+        unusable.append("corrupt: the decoder flagged this frame as damaged" if bad
+                        else too_small_reason(w, h, params.min_image_edge))
+        blank.append("")
+        if unusable[-1]:
             sharp.append(math.nan)
             motion.append(math.nan)
             continue  # `prev` stays: the next frame's motion then spans this one
         grey, scale = scoring_grey(rgb, params.flow_width)
         sharp.append(sharpness(grey))
+        blank[-1] = blank_reason(grey)
+        if blank[-1]:
+            # Nothing to track in a blank frame (a black fade, a lens cap): as for a corrupt frame, `prev` stays
+            # so the next textured frame's motion is measured from the last textured one.
+            motion.append(math.nan)
+            continue
         motion.append(math.nan if prev is None or prev.shape != grey.shape else track_motion(prev, grey) * scale)
         prev = grey
     n = len(ts)
@@ -589,9 +656,12 @@ def _ingest_video(video: Path, *, hold_out: int, scene_dir: Path, tmp: Path, par
     truncated, warning = _truncation(frames, ts)
     if truncated:
         log.warning(warning)
-    # Corrupt frames are never candidates and add no motion: the next good frame's motion already spans them.
-    motion_for_choice = [0.0 if bad else m for m, bad in zip(motion, corrupt, strict=True)]
-    choice, cap_note = cap_keyframes(sharp, motion_for_choice, params)
+    # Corrupt, too small and blank frames are never candidates and add no motion: the next good frame's motion
+    # already spans them. Their sharpness is left out too, so a black fade does not lower its neighbours' median.
+    skip_N = np.array([bool(u or b) for u, b in zip(unusable, blank, strict=True)], bool)
+    motion_for_choice = np.where(skip_N, 0.0, np.asarray(motion, float))
+    sharp_for_choice = np.where(skip_N, math.nan, np.asarray(sharp, float))
+    choice, cap_note = cap_keyframes(sharp_for_choice, motion_for_choice, params)
     if cap_note:
         log.info(cap_note)
 
@@ -610,8 +680,10 @@ def _ingest_video(video: Path, *, hold_out: int, scene_dir: Path, tmp: Path, par
         gt = gt_frames[gt_idx[i]] if gt_idx[i] >= 0 else None
         row.cam_from_world_34 = gt.cam_from_world_34 if gt else None
         row.intrinsics = gt.intrinsics if gt else base_intr
-        if corrupt[i]:
-            row.split, row.reason = "quarantined", "corrupt: the decoder flagged this frame as damaged"
+        if unusable[i]:
+            row.split, row.reason = "quarantined", unusable[i]
+        elif blank[i]:
+            row.reason = blank[i]
         elif choice.keep_N[i]:
             kept += 1
             if hold_out and kept % hold_out == 0:
@@ -723,6 +795,11 @@ def _manifest(rows: list[_Row]) -> pd.DataFrame:
     return df
 
 
+def _reason_kind(reason: str) -> str:
+    """The kind of a skip or quarantine reason ('too small: 1x1 px, ...' -> 'too small')."""
+    return "duplicate" if reason.startswith("duplicate of ") else reason.split(":")[0]
+
+
 def _check_enough(rows: list[_Row], params: IngestParams, scene_dir: Path, video: Path | None) -> None:
     """Raise when fewer than `min_frames` mapping frames survived, saying what happened to the rest."""
     source = [r for r in rows if not r.source.startswith("queries/")]
@@ -732,15 +809,25 @@ def _check_enough(rows: list[_Row], params: IngestParams, scene_dir: Path, video
     count = Counter(r.split for r in source)
     what = f"{len(source)} frames decoded from {video.name}" if video else f"{len(source)} files in images/"
     parts = [what]
-    if count["quarantined"]:
-        bad = [f"{r.source}: {r.reason}" for r in source if r.split == "quarantined"]
-        parts.append(f"{count['quarantined']} quarantined ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''})")
+    quarantined = [r for r in source if r.split == "quarantined"]
+    q_kinds = Counter(_reason_kind(r.reason) for r in quarantined)
+    if len(quarantined) > 3:
+        # Many files: count them by kind and show one example of each, so the line stays readable.
+        first: dict[str, str] = {}
+        for r in quarantined:
+            first.setdefault(_reason_kind(r.reason), f"{r.source}: {r.reason}")
+        kinds = ", ".join(f"{c} {k}" for k, c in q_kinds.most_common())
+        parts.append(f"{len(quarantined)} quarantined ({kinds}; e.g. {'; '.join(list(first.values())[:3])})")
+    elif quarantined:
+        parts.append(f"{len(quarantined)} quarantined ({'; '.join(f'{r.source}: {r.reason}' for r in quarantined)})")
     if count["skipped"]:
-        kinds = Counter(r.reason.split(":")[0] for r in source if r.split == "skipped")
+        kinds = Counter(_reason_kind(r.reason) for r in source if r.split == "skipped")
         parts.append(f"{count['skipped']} skipped ({', '.join(f'{c} {k}' for k, c in kinds.most_common())})")
     if count["query"]:
         parts.append(f"{count['query']} held out as queries")
     fix = "lower ingest.keyframe_motion or ingest.min_frames" if video else "add images or lower ingest.min_frames"
+    if q_kinds["too small"]:
+        fix = f"use frames at least {params.min_image_edge} px on the shorter side (ingest.min_image_edge), or {fix}"
     raise StageError(f"only {n_map} usable mapping frame{'' if n_map == 1 else 's'} in {scene_dir} "
                      f"(needs min_frames={params.min_frames}): {', '.join(parts)}; {fix}")
 
@@ -749,11 +836,20 @@ def _check_enough(rows: list[_Row], params: IngestParams, scene_dir: Path, video
 
 
 def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult:
-    """Ingest the scene in `scene_dir` into `out_dir`: frames, manifest.csv, cameras.json, metrics.json."""
+    """Ingest the scene in `scene_dir` into `out_dir`: frames, manifest.csv, cameras.json, scene.yaml, metrics.json."""
     t0 = time.perf_counter()
     scene_dir, out_dir = Path(scene_dir), Path(out_dir)
-    inputs = find_scene_inputs(scene_dir)
+    settings = read_scene_settings(scene_dir)
+    inputs = find_scene_inputs(scene_dir, sequence=settings.sequence)
     transforms = read_transforms(scene_dir)
+    warnings: list[str] = []
+    if inputs.video is not None and settings.sequence is False:
+        warnings.append(f"scene.yaml says sequence: false, but {inputs.video.name} is a video, always a sequence")
+        log.warning(warnings[-1])
+    elif inputs.video is None:
+        log.info("images/ %s (decided by %s)%s", "is a sequence, read in capture order" if inputs.sequence
+                 else "is not a sequence, read by name", inputs.sequence_from,
+                 f": {inputs.images[0].name} .. {inputs.images[-1].name}" if inputs.sequence else "")
     hold_out = 0 if inputs.queries else params.query_every
     if inputs.queries and params.query_every:
         log.info("using the %d images in queries/ as queries (query_every is ignored)", len(inputs.queries))
@@ -770,8 +866,10 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
             facts.update(video_facts)
         else:
             rows = _ingest_files(inputs.images, split="mapping", hold_out=hold_out, seen=seen, **common)
+        facts["warnings"] = warnings + facts["warnings"]
         rows += _ingest_files(inputs.queries, split="query", hold_out=0, seen=seen, **common)
         _check_enough(rows, params, scene_dir, inputs.video)
+        write_scene_settings(tmp, settings)
         _checked_intrinsics(rows)
         cameras = _group_cameras(rows)
 
@@ -781,6 +879,8 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
         split = Counter(r.split for r in rows)
         metrics = {
             "source_kind": "video" if inputs.video is not None else "images",
+            "sequence": inputs.sequence,
+            "sequence_from": inputs.sequence_from,
             "frames_in": sum(not r.source.startswith("queries/") for r in rows),
             "queries_in": len(inputs.queries),
             "frames_kept": split["mapping"] + split["query"],

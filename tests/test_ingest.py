@@ -1,10 +1,11 @@
-"""The ingest stage: keyframe scoring units, synthetic videos and image folders, bad inputs, real scenes."""
+"""The ingest stage: keyframe scoring units, synthetic videos and image folders, bad inputs, scene.yaml, real scenes."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image, ImageOps
 
 from stages import ingest
 from stages.common import geometry as geo
 from stages.common.errors import StageError
 from stages.common.params import build, load_section
-from stages.common.scene import Intrinsics
+from stages.common.scene import Intrinsics, SceneSettings, read_scene_settings
 from stages.ingest import IngestParams, run
 from tests.conftest import real_scene
 
@@ -73,6 +75,16 @@ def image_scene(root: Path, n: int, size=(160, 120)) -> Path:
     for i in range(n):
         save_png(root / "images" / f"img{i:02d}.png", texture(size[1], size[0], seed=100 + i))
     return root
+
+
+def dim_wall(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
+    """A wall photographed in dim light: faint texture (grey 20..44), vignetting and sensor noise, grey."""
+    grey = cv2.cvtColor(texture(h, w, seed), cv2.COLOR_RGB2GRAY).astype(float)
+    wall = 20 + (grey - grey.min()) / np.ptp(grey) * 24
+    yy, xx = np.mgrid[:h, :w]
+    r2 = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / ((w / 2) ** 2 + (h / 2) ** 2)
+    noise = np.random.default_rng(seed).normal(0, 1.5, (h, w))
+    return np.clip(np.round(wall * (1 - 0.2 * r2) + noise), 0, 255).astype(np.uint8)
 
 
 def assert_no_output(out: Path) -> None:
@@ -173,6 +185,19 @@ def test_params_are_checked(tmp_path):
         build(IngestParams, {"blur_ratio": 1.5}, "params.yaml:ingest")
     with pytest.raises(StageError, match=r"image_format: 'gif' is not allowed; use one of 'png', 'jpg'"):
         build(IngestParams, {"image_format": "gif"}, "params.yaml:ingest")
+    with pytest.raises(StageError, match=r"min_image_edge: 0 is not allowed; it must be >= 1"):
+        build(IngestParams, {"min_image_edge": 0}, "params.yaml:ingest")
+
+
+def test_blank_and_too_small_reasons():
+    assert ingest.blank_reason(np.full((90, 160), 128, np.uint8)) == "blank: no texture (grey std 0.0 < 2)"
+    noisy = np.clip(np.round(128 + np.random.default_rng(0).normal(0, 0.7, (90, 160))), 0, 255).astype(np.uint8)
+    assert re.fullmatch(r"blank: no texture \(grey std 0\.[78] < 2\)", ingest.blank_reason(noisy))  # noise only
+    wall = dim_wall()
+    assert 2.5 < wall.std() < 4 and ingest.blank_reason(wall) == ""  # low contrast, but texture to match
+    assert ingest.too_small_reason(1, 1, 32) == "too small: 1x1 px, below ingest.min_image_edge=32"
+    assert ingest.too_small_reason(200, 31, 32) == "too small: 200x31 px, below ingest.min_image_edge=32"
+    assert ingest.too_small_reason(32, 32, 32) == ""
 
 
 # --------------------------------------------------------------------------------------------- video
@@ -260,6 +285,33 @@ def test_video_static_duplicates_are_dropped_and_max_frames_caps(tmp_path):
     assert res.metrics["mapping_frames"] == 5 and res.metrics["keyframe_motion_used"] > 3.0
 
 
+def test_video_blank_frames_are_skipped_not_kept(tmp_path):
+    moving = moving_frames(12)
+    black = np.zeros_like(moving[0])
+    # A fade from black, then a black frame in the middle (a dropped signal) between moving frames 5 and 6.
+    frames = [black] * 4 + moving[:6] + [black] + moving[6:]
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    write_video(scene / "video.mp4", frames, [i / 10 for i in range(len(frames))])
+    res = run(IngestParams(query_every=0, **FAST), scene_dir=scene, out_dir=tmp_path / "out")
+    df = res.manifest
+    blank = [0, 1, 2, 3, 10]
+    assert (df.loc[blank, "split"] == "skipped").all()
+    assert df.loc[blank, "reason"].str.startswith("blank: no texture (grey std 0.").all()
+    assert df.loc[4, "split"] == "mapping" and df.loc[4, "reason"] == "keyframe: first sharp frame"
+    # The frame after the black one is measured against the last textured frame: 6 px at 320 = 12 px at 640.
+    assert df.loc[11, "motion_px"] == pytest.approx(12, abs=1)
+    assert (df.drop(index=blank)["split"] == "mapping").all() and res.metrics["mapping_frames"] == 12
+    assert res.metrics["sequence"] is True and res.metrics["sequence_from"] == "video"
+
+    (scene / "video.mp4").unlink()
+    write_video(scene / "video.mp4", [black] * 6, [i / 10 for i in range(6)])
+    with pytest.raises(StageError, match=r"only 0 usable mapping frames .*6 frames decoded from video.mp4, "
+                                         r"6 skipped \(6 blank\); "):
+        run(IngestParams(**FAST), scene_dir=scene, out_dir=tmp_path / "out2")
+    assert_no_output(tmp_path / "out2")
+
+
 # ---------------------------------------------------------------------------------------- image folders
 
 
@@ -312,7 +364,128 @@ def test_query_every_holds_out_frames_and_queries_folder_wins(tmp_path):
     assert (tmp_path / "out/queries/q1.png").is_file() and res.metrics["queries_in"] == 1
 
 
+def test_image_sequence_is_read_in_capture_order(tmp_path):
+    images = tmp_path / "seq/images"
+    order = [8, 9, 10, 12, 100]  # gaps are fine; by name 10 < 100 < 12 < 8 < 9
+    for i in order:
+        save_png(images / f"img{i}.png", texture(120, 160, seed=200 + i))
+    res = run(IngestParams(query_every=2, **FAST), scene_dir=tmp_path / "seq", out_dir=tmp_path / "out")
+    df = res.manifest
+    assert df["source"].tolist() == [f"images/img{i}.png" for i in order]
+    assert df["frame_index"].tolist() == [0, 1, 2, 3, 4]
+    # Held-out queries follow capture order too: every 2nd frame.
+    assert df.loc[df["split"] == "query", "source"].tolist() == ["images/img9.png", "images/img12.png"]
+    assert res.metrics["sequence"] is True and res.metrics["sequence_from"] == "file names"
+    on_disk = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert list(on_disk)[:3] == ["source_kind", "sequence", "sequence_from"] and on_disk["sequence"] is True
+
+    photos = tmp_path / "photos/images"
+    names = ["10265353_3838484249.jpg", "02928139_3448003521.jpg", "03903474_1471484089.jpg"]  # Flickr ids
+    photos.mkdir(parents=True)
+    for k, name in enumerate(names):
+        Image.fromarray(texture(120, 160, seed=300 + k)).save(photos / name)
+    res = run(IngestParams(query_every=0, **FAST), scene_dir=tmp_path / "photos", out_dir=tmp_path / "out")
+    assert res.manifest["source"].tolist() == [f"images/{n}" for n in sorted(names)]
+    assert res.metrics["sequence"] is False and res.metrics["sequence_from"] == "file names"
+
+
+def test_scene_yaml_forces_sequence_and_is_written_resolved(tmp_path):
+    scene = image_scene(tmp_path / "scene", 4)  # img00.png .. img03.png: a sequence by name
+    out = tmp_path / "out"
+    res = run(IngestParams(**FAST), scene_dir=scene, out_dir=out)
+    assert res.metrics["sequence"] is True
+    assert yaml.safe_load((out / "scene.yaml").read_text()) == {  # always written, every key, nulls included
+        "camera_height_m": None, "metric_scale": "auto", "sequence": None}
+
+    (scene / "scene.yaml").write_text("sequence: false\ncamera_height_m: 1.65\nmetric_scale: camera_height\n")
+    res = run(IngestParams(**FAST), scene_dir=scene, out_dir=out)
+    assert res.metrics["sequence"] is False and res.metrics["sequence_from"] == "scene.yaml"
+    assert yaml.safe_load((out / "scene.yaml").read_text()) == {
+        "camera_height_m": 1.65, "metric_scale": "camera_height", "sequence": False}
+    assert read_scene_settings(out) == SceneSettings(camera_height_m=1.65, metric_scale="camera_height",
+                                                     sequence=False)
+
+    (scene / "scene.yaml").write_text("camera_height: 1.65\n")
+    with pytest.raises(StageError, match=r"scene.yaml: unknown key 'camera_height'; allowed keys are "
+                                         r"camera_height_m, metric_scale, sequence"):
+        run(IngestParams(**FAST), scene_dir=scene, out_dir=tmp_path / "out2")
+    assert_no_output(tmp_path / "out2")
+
+    video = tmp_path / "video"
+    video.mkdir()
+    write_video(video / "video.mp4", moving_frames(6, step=10), [i / 10 for i in range(6)])
+    (video / "scene.yaml").write_text("sequence: false\n")
+    m = run(IngestParams(query_every=0, **FAST), scene_dir=video, out_dir=tmp_path / "out3").metrics
+    assert m["sequence"] is True and m["sequence_from"] == "video" and "always a sequence" in m["warnings"][0]
+
+
 # ----------------------------------------------------------------------------------------- bad inputs
+
+
+def test_tiny_and_blank_images_are_quarantined_and_dim_walls_stay(tmp_path):
+    scene = image_scene(tmp_path / "scene", 3)
+    images = scene / "images"
+    save_png(images / "dot.png", np.full((1, 1, 3), 200, np.uint8))
+    save_png(images / "strip.png", texture(20, 300, seed=1))  # textured, but 20 px tall
+    save_png(images / "edge32.png", texture(32, 200, seed=2))  # exactly min_image_edge: kept
+    save_png(images / "grey.png", np.full((120, 160, 3), 128, np.uint8))
+    Image.fromarray(np.zeros((120, 160, 3), np.uint8)).save(images / "lens_cap.jpg", quality=90)
+    noisy = np.clip(np.round(40 + np.random.default_rng(3).normal(0, 0.7, (120, 160))), 0, 255).astype(np.uint8)
+    save_png(images / "noise_only.png", noisy)
+    Image.fromarray(dim_wall(seed=4)).save(images / "dim_wall.jpg", quality=90)
+
+    res = run(IngestParams(query_every=0, **FAST), scene_dir=scene, out_dir=tmp_path / "out")
+    df = res.manifest.set_index("source")
+    reason, split = df["reason"], df["split"]
+    assert reason["images/dot.png"] == "too small: 1x1 px, below ingest.min_image_edge=32"
+    assert reason["images/strip.png"] == "too small: 300x20 px, below ingest.min_image_edge=32"
+    assert reason["images/grey.png"] == "blank: no texture (grey std 0.0 < 2)"
+    assert reason["images/lens_cap.jpg"] == "blank: no texture (grey std 0.0 < 2)"
+    assert re.fullmatch(r"blank: no texture \(grey std 0\.[78] < 2\)", reason["images/noise_only.png"])
+    assert split["images/dim_wall.jpg"] == "mapping" and split["images/edge32.png"] == "mapping"
+    assert res.metrics["frames_quarantined"] == 5 and res.metrics["mapping_frames"] == 5
+    assert (tmp_path / "out/images/dim_wall.png").is_file() and not (tmp_path / "out/images/grey.png").exists()
+
+    res = run(IngestParams(query_every=0, min_image_edge=16, **FAST), scene_dir=scene, out_dir=tmp_path / "out")
+    assert res.manifest.set_index("source").loc["images/strip.png", "split"] == "mapping"
+
+
+def test_six_1x1_images_are_a_clear_error(tmp_path):
+    images = tmp_path / "scene/images"
+    for i in range(6):
+        save_png(images / f"px{i}.png", np.full((1, 1, 3), 90, np.uint8))  # identical: too small, not duplicates
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as exc:
+        run(IngestParams(**FAST), scene_dir=tmp_path / "scene", out_dir=out)
+    assert str(exc.value) == (
+        f"only 0 usable mapping frames in {tmp_path / 'scene'} (needs min_frames=3): 6 files in images/, "
+        "6 quarantined (6 too small; e.g. images/px0.png: too small: 1x1 px, below ingest.min_image_edge=32); "
+        "use frames at least 32 px on the shorter side (ingest.min_image_edge), or add images or lower "
+        "ingest.min_frames")
+    assert_no_output(out)
+    for i in range(2):
+        save_png(images / f"px{i}.png", np.full((60, 80), 7, np.uint8))
+    with pytest.raises(StageError, match=r"6 quarantined \(4 too small, 2 blank; e.g. images/px0.png: blank: no "
+                                         r"texture \(grey std 0.0 < 2\); images/px2.png: too small: 1x1 px"):
+        run(IngestParams(**FAST), scene_dir=tmp_path / "scene", out_dir=out)
+
+
+@pytest.mark.parametrize("file_path", ["../outside.png", "../../../etc/passwd", "images/../../outside.png",
+                                       "ABSOLUTE"])
+def test_transforms_file_path_outside_the_scene_is_refused(tmp_path, file_path):
+    scene = image_scene(tmp_path / "scene", 3)
+    save_png(tmp_path / "outside.png", texture(120, 160, seed=9))  # exists, and still refused
+    file_path = str(tmp_path / "outside.png") if file_path == "ABSOLUTE" else file_path
+    (scene / "transforms.json").write_text(json.dumps({"frames": [
+        {"file_path": "images/../images/img00.png", "transform_matrix": np.eye(4).tolist()},  # inside: fine
+        {"file_path": file_path, "transform_matrix": np.eye(4).tolist()},
+    ]}))
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match=rf"transforms.json: frame 1 has file_path {re.escape(repr(file_path))}, "
+                                         r"which .*; file paths must be relative to the scene folder and stay "
+                                         r"inside it$"):
+        run(IngestParams(**FAST), scene_dir=scene, out_dir=out)
+    assert_no_output(out)
 
 
 def test_bad_files_are_quarantined_with_reasons(tmp_path, caplog):
@@ -450,6 +623,7 @@ def test_real_apple_video(tmp_path):
     assert m["frames_in"] == 50 and m["video_fps"] == pytest.approx(10) and not m["video_truncated"]
     assert df["timestamp"].to_numpy() == pytest.approx(np.arange(50) / 10, abs=1e-6)
     assert 30 <= m["frames_kept"] <= 50 and m["camera_groups"] == 1 and m["gt_poses"] == 0
+    assert m["sequence"] is True and m["frames_quarantined"] == 0
     assert (df["split"] == "skipped").sum() == m["frames_skipped"] and df["sharpness"].notna().all()
     cams = json.loads((tmp_path / "out/cameras.json").read_text())
     assert (cams["0"]["width"], cams["0"]["height"]) == (640, 356) and cams["0"]["intrinsics"] is None
@@ -461,6 +635,7 @@ def test_real_sacre_coeur_mixed_cameras(tmp_path):
     res = run(IngestParams(max_edge=400), scene_dir=scene, out_dir=tmp_path / "out")
     m, df = res.metrics, res.manifest
     assert m["frames_in"] == 10 and m["frames_quarantined"] == 0 and m["camera_groups"] >= 5
+    assert m["sequence"] is False  # Flickr ids, not a capture order
     for _, row in df.iterrows():
         with Image.open(scene / row["source"]) as im:
             w, h = ImageOps.exif_transpose(im).size
@@ -476,6 +651,7 @@ def test_real_kitti06_gt_and_intrinsics(tmp_path):
     m, df = res.metrics, res.manifest.set_index("source")
     assert m["frames_in"] == 51 and m["frames_kept"] == 51 and m["gt_poses"] == 51 and m["metric"] is True
     assert m["query_frames"] == 5  # query_every=10 without queries/
+    assert m["sequence"] is True and df["frame_index"].tolist() == list(range(51))
     cams = json.loads((tmp_path / "out/cameras.json").read_text())
     assert list(cams) == ["0"] and (cams["0"]["width"], cams["0"]["height"]) == (613, 185)
     expected = Intrinsics(1226, 370, 707.0912, 707.0912, 601.8873, 183.1104).scaled(613, 185)
@@ -496,6 +672,7 @@ def test_real_fox_queries_gt_and_scaled_intrinsics(tmp_path):
     res = run(IngestParams(max_edge=480), scene_dir=scene, out_dir=tmp_path / "out")
     m, df = res.metrics, res.manifest
     assert m["mapping_frames"] == 50 and m["query_frames"] == 17 and m["frames_quarantined"] == 0
+    assert m["sequence"] is True  # 0001.jpg .. 0067.jpg with the queries' numbers missing
     assert len(list((tmp_path / "out/queries").iterdir())) == 17
     assert df[["gt_qw", "gt_tx", "gt_ty", "gt_tz"]].notna().all().all() and m["metric"] is False
     cams = json.loads((tmp_path / "out/cameras.json").read_text())
