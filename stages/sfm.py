@@ -1,23 +1,40 @@
 """SfM: ingest's frames -> camera poses, sparse points and their health, with pycolmap (COLMAP + GLOMAP).
 
 Features are SIFT by default (on CUDA when the installed pycolmap has it). Matching is chosen from the
-input: sequential (+ loop closure by retrieval) for video, exhaustive for small image sets, retrieval pairs
-for large ones. Retrieval ranks images by VLAD vectors built from the database's own SIFT descriptors, so
+input: sequential (+ loop closure by retrieval) for ordered captures (video, or an image folder whose names
+count up, once consecutive frames are seen to overlap), exhaustive for small image sets, retrieval pairs for
+large ones. Retrieval ranks images by VLAD vectors built from the database's own SIFT descriptors, so
 nothing is downloaded (COLMAP's vocabulary tree would have to be). Mapping is global (GLOMAP) by default,
 incremental as the fallback. Known intrinsics (ingest's cameras.json, from transforms.json) are used as
 calibration; other camera groups get one camera each, with the focal length estimated.
 
-Every attempt passes a health gate: registered ratio, number of models, mean reprojection error, mean track
-length, and geometric sanity, because reprojection error alone does not reveal a wrong focal length:
-plausible field of view, and for video a smooth trajectory (no jumps in the camera steps or turns). An
-attempt that fails escalates: more features and matches, then another matcher, then another mapper. Each
-attempt, its numbers and why it was rejected go into metrics.json; the best attempt is kept even when none
-passes (metrics say `gate_passed: false`).
+Every attempt passes a health gate that looks for wrong models, not only bad ones, because reprojection error
+cannot see a wrong focal length or a trajectory glued from pieces at different scales:
+- registered ratio (a stray second model whose images the main model also holds is no reason to reject),
+  mean reprojection error, mean track length;
+- a plausible field of view on the image's long side;
+- ordered captures: a continuous camera path (no step far longer than its neighbours', no sudden turn);
+- no baseline: most pairs explained by a camera rotating in place (a homography that is a rotation);
+- a cross-check where the focal length is estimated on an ordered capture (`cross_check: auto`): the other
+  mapper (incremental or global) maps the same matches, and the two models must agree (focal length,
+  orientations, camera path) after a Sim3; two different algorithms converging on one answer is evidence that
+  no single one has.
+An attempt that fails climbs the escalation ladder, each rung changing something for the failure at hand:
+the other mapper on the same matches for geometric failures (path, focal, disagreement), more features and
+wider matching for too few registered images, then another matcher where it adds pairs. Each attempt, the
+values it used, its numbers and why it was rejected go into metrics.json; the best attempt is kept even when
+none passes (metrics say `gate_passed: false` with the reasons).
 
-The kept model is rotated so z is up (ground plane fitted to the sparse points, signed by the cameras' up
-vectors) and scaled to metres from the known camera height above the ground (`camera_height_m`); the scale
-source and a confidence are recorded. Ground-truth poses (ingest's manifest) are used only to evaluate,
-after a Sim3 alignment whose rotation comes from the camera orientations.
+The kept model is rotated so z is up (ground plane fitted to the sparse points below the cameras, signed by
+the cameras' up vectors) and, where it is earned, scaled to metres from the camera height above the ground:
+the scale confidence is high only for a driving-like capture (ground plane under the cameras, level cameras
+moving forward at a constant height over it); below `min_scale_confidence` no scale is applied and metrics
+say so. The scene's scene.yaml (copied by ingest) may set the camera height or force/forbid the scale.
+Ground-truth poses (ingest's manifest) are used only to evaluate, after a Sim3 alignment whose rotation comes
+from the camera orientations.
+
+Runs are deterministic: RANSAC, the mappers and retrieval are seeded from `seed`, pairs are sorted. COLMAP's
+own log is quiet unless `verbose: true`.
 
 Outputs in --out: model/ (COLMAP binary), poses.csv, sparse.ply, metrics.json.
 """
@@ -29,6 +46,7 @@ import json
 import logging
 import math
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -46,12 +64,40 @@ from stages.common.errors import StageError
 from stages.common.geometry import R_from_quat_wxyz, camera_center, quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
+from stages.common.scene import SceneSettings, read_scene_settings
 
 log = logging.getLogger("scenepipe.sfm")
 
 NO_BASELINE = "no baseline (pure rotation)"
-INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, metrics.json"}
+INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, metrics.json, scene.yaml"}
 OUTPUTS = {"out": "output folder: model/, poses.csv, sparse.ply, metrics.json"}
+
+# Verified pairs need this many inlier matches to count as overlapping (COLMAP's min_num_inliers default).
+MIN_PAIR_INLIERS = 15
+# An ordered capture is trusted as a sequence when at least this share of consecutive frames overlap.
+MIN_SEQUENCE_OVERLAP = 0.8
+# Path continuity: each step is compared with the median of this many steps on each side of it.
+STEP_WINDOW = 3
+# ... floored at this fraction of the median step, so a camera that slows to a stop is no "jump".
+STEP_FLOOR = 0.25
+# Ground plane RANSAC: iterations, and the largest tilt of the ground from the cameras' mean up vector.
+GROUND_RANSAC_ITERS = 300
+GROUND_MAX_TILT_DEG = 30.0
+# Share of the points below the cameras that a ground plane must hold to be fully trusted.
+GROUND_MIN_SHARE = 0.1
+# Scale confidence: the relative spread of camera heights, the camera tilt from the ground normal and the share
+# of sideways motion at which a driving-capture factor has fallen to 1/e (physical, not fitted to any scene).
+HEIGHT_SPREAD_SCALE = 0.1
+LEVEL_TILT_SCALE_DEG = 25.0
+# Retrieval: descriptors sampled per image for the VLAD vocabulary, and the vocabulary size bounds.
+VLAD_SAMPLES_PER_IMAGE = 300
+VLAD_WORDS = (8, 64)
+VLAD_LOOP_NEIGHBORS = 3
+# Homographies whose calibrated singular values agree within this (median) are rotations: pixel noise gives
+# ~0.01, a baseline of a tenth of the scene depth ~0.1.
+ROTATION_H_TOL = 0.03
+# Points sampled for the triangulation-angle statistic (enough for a stable median, cheap on big models).
+TRI_ANGLE_SAMPLES = 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +109,22 @@ class SfmParams:
     max_num_features: int = 2048
     """Features per image on the first attempt; the ladder doubles it."""
     matcher: Literal["auto", "sequential", "exhaustive", "retrieval"] = "auto"
-    """auto: sequential for video, exhaustive up to `exhaustive_max_images` images, retrieval above."""
+    """auto: sequential for ordered captures, exhaustive up to `exhaustive_max_images` images, retrieval above."""
     exhaustive_max_images: int = 60
-    """auto matcher: image sets up to this size are matched exhaustively."""
+    """auto matcher: unordered image sets up to this size are matched exhaustively."""
     sequential_overlap: int = 5
     """Sequential matching: each frame is matched with this many following frames."""
     retrieval_neighbors: int = 12
-    """Retrieval matching and loop closure: pairs per image from VLAD similarity."""
+    """Retrieval matching: pairs per image from VLAD similarity."""
     loop_closure: bool = True
-    """Video: add retrieval pairs between frames farther apart than the sequential overlap."""
+    """Ordered captures: add retrieval pairs between frames farther apart than the sequential overlap."""
+    loop_closure_neighbors: int = VLAD_LOOP_NEIGHBORS
+    """Ordered captures: loop-closure pairs per image."""
     mapper: Literal["global", "incremental"] = "global"
-    """First mapper; the ladder tries the other one."""
+    """First mapper; the ladder and the cross-check use the other one."""
+    cross_check: Literal["auto", "always", "never"] = "auto"
+    """Map the same matches with the other mapper and require agreement: auto = ordered captures whose focal
+    length is estimated (the case where a wrong focal can hide behind a low reprojection error)."""
     refine_intrinsics: bool = False
     """Refine known intrinsics in bundle adjustment (unknown ones are always estimated)."""
     camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] = "SIMPLE_RADIAL"
@@ -88,26 +139,38 @@ class SfmParams:
     """Gate: mean reprojection error in pixels."""
     gate_min_track_length: float = 3.0
     """Gate: mean number of images observing a 3D point."""
-    gate_fov_deg: tuple[float, float] = (15.0, 150.0)
-    """Gate: plausible horizontal field of view of estimated cameras (degrees)."""
+    gate_fov_deg: tuple[float, float] = (5.0, 150.0)
+    """Gate: plausible field of view across the image's long side (degrees); telephoto photos reach ~5."""
     gate_max_rotation_only: float = 0.8
-    """Gate: largest fraction of verified pairs that COLMAP explains as a camera rotating in place."""
+    """Gate: largest fraction of verified pairs explained by a homography that is a pure rotation (no baseline)."""
     gate_max_step_ratio: float = 4.0
-    """Gate, video: largest camera step over the median step between consecutive frames."""
+    """Gate, ordered captures: largest camera step over the median of its neighbouring steps."""
     gate_max_turn_deg: float = 25.0
-    """Gate, video: largest rotation between consecutive frames (degrees)."""
+    """Gate, ordered captures: largest rotation between consecutive frames (degrees)."""
+    gate_max_focal_disagreement: float = 0.03
+    """Gate, cross-check: largest relative difference of the two mappers' focal lengths."""
+    gate_max_rotation_disagreement_deg: float = 0.5
+    """Gate, cross-check: largest median orientation difference between the two mappers (degrees)."""
+    gate_max_position_disagreement: float = 0.02
+    """Gate, cross-check: largest median camera-position difference, as a fraction of the path length."""
     camera_height_m: float = 1.6
-    """Known camera height above the ground (metres), for gravity and metric scale."""
+    """Known camera height above the ground (metres) for metric scale; a scene's scene.yaml overrides it."""
+    min_scale_confidence: float = 0.3
+    """Metric scale from the camera height is applied only at or above this confidence (scene.yaml can force)."""
     seed: int = 0
-    """Random seed of the mappers and of retrieval's k-means."""
+    """Random seed of RANSAC, the mappers and retrieval's k-means."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Feature extraction and matching device; cuda needs pycolmap's CUDA build."""
+    """Feature extraction, matching and bundle adjustment device; cuda needs pycolmap's CUDA build."""
+    verbose: bool = False
+    """Show COLMAP's own log (thousands of lines); off, only warnings and our own progress lines."""
     extraction: dict = dataclasses.field(default_factory=lambda: {"sift": {"first_octave": 0}})
     """Overrides merged into pycolmap.FeatureExtractionOptions (COLMAP's own keys); by default SIFT starts at
     the native resolution (first_octave 0), ~3x faster than COLMAP's upsampled octave at no accuracy cost
     measured on the default scene and kitti06."""
     matching: dict = dataclasses.field(default_factory=dict)
     """Overrides merged into pycolmap.FeatureMatchingOptions."""
+    verification: dict = dataclasses.field(default_factory=dict)
+    """Overrides merged into pycolmap.TwoViewGeometryOptions (geometric verification, RANSAC)."""
     mapping: dict = dataclasses.field(default_factory=dict)
     """Overrides merged into the mapper's options (GlobalPipelineOptions or IncrementalPipelineOptions)."""
 
@@ -119,12 +182,15 @@ class SfmParams:
             (0 < self.gate_min_registered_ratio <= 1, "gate_min_registered_ratio", "must lie in (0, 1]"),
             (self.camera_height_m > 0, "camera_height_m", "must be positive"),
             (self.sequential_overlap >= 1, "sequential_overlap", "must be at least 1"),
+            (self.loop_closure_neighbors >= 1, "loop_closure_neighbors", "must be at least 1"),
+            (0 <= self.min_scale_confidence <= 1, "min_scale_confidence", "must lie in [0, 1]"),
+            (0 < self.gate_fov_deg[0] < self.gate_fov_deg[1] < 180, "gate_fov_deg", "must be (low, high) in (0, 180)"),
         ])
 
 
 @dataclasses.dataclass(frozen=True)
 class Attempt:
-    """One rung of the escalation ladder."""
+    """One rung of the escalation ladder: the values it runs with."""
 
     name: str
     max_num_features: int
@@ -134,6 +200,11 @@ class Attempt:
     overlap: int
     neighbors: int
     mapper: str
+
+    @property
+    def matches_key(self) -> tuple:
+        """Attempts with equal keys share features and matches (only the mapper differs)."""
+        return self.max_num_features, self.upsample, self.matcher, self.overlap, self.neighbors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +234,20 @@ class Frames:
     gt: dict[str, np.ndarray]
     """Image name -> ground-truth cam_from_world (3x4), evaluation only."""
     metric: bool
+    sequence: bool = False
+    """Ingest judged the capture ordered (video, or image names that count up); sfm still checks overlap."""
+    settings: SceneSettings = dataclasses.field(default_factory=SceneSettings)
+    """The scene's scene.yaml, as ingest resolved it."""
+
+    @property
+    def focal_known(self) -> bool:
+        """Every camera group has known intrinsics."""
+        return all(self.intrinsics.get(g) for g in self.groups)
 
 
 def read_frames(frames_dir: Path) -> Frames:
-    """Read ingest's manifest, cameras.json and metrics.json; missing files are a StageError."""
+    """Read ingest's manifest, cameras.json, metrics.json and scene.yaml; missing files are a StageError."""
+    frames_dir = Path(frames_dir)
     for name in ("manifest.csv", "cameras.json", "metrics.json", "images"):
         if not (frames_dir / name).exists():
             raise StageError(f"{frames_dir / name} not found; run the ingest stage for this scene first")
@@ -185,8 +266,9 @@ def read_frames(frames_dir: Path) -> Frames:
             R_33 = R_from_quat_wxyz(np.asarray(q[:4], float))
             gt[name] = np.concatenate([R_33, np.asarray(q[4:], float)[:, None]], axis=1)
     intr = {g: (cams.get(g) or {}).get("intrinsics") for g in groups}
-    return Frames(frames_dir / "images", names, groups, intr, ingest_metrics.get("source_kind") == "video", gt,
-                  bool(ingest_metrics.get("metric")))
+    is_video = ingest_metrics.get("source_kind") == "video"
+    return Frames(frames_dir / "images", names, groups, intr, is_video, gt, bool(ingest_metrics.get("metric")),
+                  sequence=bool(ingest_metrics.get("sequence", is_video)), settings=read_scene_settings(frames_dir))
 
 
 # ------------------------------------------------------------------------------------- pycolmap glue
@@ -212,6 +294,16 @@ def _device(pref: str) -> pycolmap.Device:
         raise StageError("sfm.device: cuda was asked for but this pycolmap has no CUDA; install the gpu extra "
                          "(pycolmap-cuda12) or set device: auto")
     return pycolmap.Device.cuda if pref != "cpu" and pycolmap.has_cuda else pycolmap.Device.cpu
+
+
+def _use_gpu(params: SfmParams) -> bool:
+    return _device(params.device) == pycolmap.Device.cuda
+
+
+def quiet_colmap(verbose: bool) -> None:
+    """COLMAP logs through glog: everything when asked for, else errors only (our own lines say what runs)."""
+    pycolmap.logging.minloglevel = 0 if verbose else 3
+    pycolmap.logging.verbose_level = 0
 
 
 def _camera_params(intr: dict) -> tuple[str, str]:
@@ -245,26 +337,62 @@ def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int, 
                                       reader_options=reader, extraction_options=opts, device=_device(params.device))
         except RuntimeError as exc:
             raise StageError(f"feature extraction ({params.features}) failed: {exc}; use features: sift") from None
+    canonical_ids(db, frames.names)
+
+
+def canonical_ids(db: Path, names: list[str]) -> None:
+    """Renumber images (and their frames) in capture order.
+
+    COLMAP's extractor threads write images in the order they finish, so image ids, pair ids and with them
+    the mappers' results would change from run to run; capture-order ids make the run reproducible.
+    """
+    con = sqlite3.connect(db)
+    try:
+        ids = dict(con.execute("SELECT name, image_id FROM images"))
+        order = [n for n in names if n in ids] + sorted(set(ids) - set(names))
+        new = {ids[n]: i + 1 for i, n in enumerate(order)}
+        if all(old == nid for old, nid in new.items()):
+            return
+        frame_new = {f: new[d] for f, d in con.execute("SELECT frame_id, data_id FROM frame_data") if d in new}
+        off = 1 << 30  # move every id out of the way first, so no two rows share an id mid-update
+        con.execute("CREATE TEMP TABLE idmap (old INTEGER PRIMARY KEY, new INTEGER)")
+        con.execute("CREATE TEMP TABLE framemap (old INTEGER PRIMARY KEY, new INTEGER)")
+        con.executemany("INSERT INTO idmap VALUES (?, ?)", new.items())
+        con.executemany("INSERT INTO framemap VALUES (?, ?)", frame_new.items())
+        for table, col, mapping in (("images", "image_id", "idmap"), ("keypoints", "image_id", "idmap"),
+                                    ("descriptors", "image_id", "idmap"), ("frame_data", "data_id", "idmap"),
+                                    ("frame_data", "frame_id", "framemap"), ("frames", "frame_id", "framemap")):
+            con.execute(f"UPDATE {table} SET {col} = {col} + {off}")
+            con.execute(f"UPDATE {table} SET {col} = (SELECT new FROM {mapping} WHERE old = {table}.{col} - {off})")
+        con.commit()
+    finally:
+        con.close()
 
 
 def vlad_pairs(db: Path, names: list[str], k: int, min_gap: int, seed: int) -> set[tuple[str, str]]:
-    """Retrieval pairs: each image with its `k` most similar images (VLAD of its own SIFT descriptors)."""
+    """Retrieval pairs: each image with its `k` most similar images (VLAD of its own SIFT descriptors).
+
+    Images without features take part in no pair; with fewer than two such images there are no pairs.
+    """
     database = pycolmap.Database.open(str(db))
     try:
         by_name = {im.name: im.image_id for im in database.read_all_images()}
         descs = [np.asarray(database.read_descriptors(by_name[n]).data, np.float32) for n in names]
     finally:
         database.close()
+    usable = [i for i, d in enumerate(descs) if len(d)]
+    if len(usable) < 2:
+        return set()
     rng = np.random.default_rng(seed)
-    sample = np.concatenate([d[rng.choice(len(d), min(len(d), 300), replace=False)] for d in descs if len(d)])
+    sample = np.concatenate([descs[i][rng.choice(len(descs[i]), min(len(descs[i]), VLAD_SAMPLES_PER_IMAGE),
+                                                 replace=False)] for i in usable])
     sample /= np.linalg.norm(sample, axis=1, keepdims=True) + 1e-9
-    n_words = int(min(64, max(8, len(sample) // 50)))
+    # About 50 samples per word keeps k-means stable; the bounds keep the vectors small and discriminative.
+    n_words = int(min(VLAD_WORDS[1], max(VLAD_WORDS[0], len(sample) // 50), len(sample)))
     centers, _ = kmeans2(sample, n_words, minit="++", seed=seed, iter=10)
     vlad = np.zeros((len(names), n_words * sample.shape[1]), np.float32)
-    for i, d in enumerate(descs):
-        if not len(d):
-            continue
-        d = d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-9)
+    for i in usable:
+        d = descs[i] / (np.linalg.norm(descs[i], axis=1, keepdims=True) + 1e-9)
         word = np.argmin(((d[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
         v = np.zeros((n_words, d.shape[1]), np.float32)
         np.add.at(v, word, d - centers[word])
@@ -273,54 +401,114 @@ def vlad_pairs(db: Path, names: list[str], k: int, min_gap: int, seed: int) -> s
     vlad /= np.linalg.norm(vlad, axis=1, keepdims=True) + 1e-9
     sim = vlad @ vlad.T
     pairs = set()
-    for i in range(len(names)):
-        order = [j for j in np.argsort(-sim[i]) if abs(int(j) - i) > min_gap]
+    usable_set = set(usable)
+    for i in usable:
+        order = [j for j in np.argsort(-sim[i], kind="stable") if abs(int(j) - i) > min_gap and int(j) in usable_set]
         for j in order[:k]:
             pairs.add(tuple(sorted((names[i], names[int(j)]))))
     return pairs
 
 
+def sequential_pairs(names: list[str], overlap: int) -> set[tuple[str, str]]:
+    """Each frame with the next `overlap` frames, plus frames 2^k ahead beyond them (COLMAP's quadratic overlap)."""
+    steps = list(range(1, overlap + 1)) + [2**e for e in range(int(math.log2(overlap)) + 1, 8)]
+    return {(a, names[i + s]) for i, a in enumerate(names) for s in steps if i + s < len(names)}
+
+
 def match(db: Path, work: Path, frames: Frames, params: SfmParams, att: Attempt) -> int:
-    """Match and verify the attempt's pairs; returns the number of pairs tried."""
+    """Match and verify the attempt's pairs (seeded RANSAC, sorted pairs); returns the number of pairs tried."""
     opts = merge_options(pycolmap.FeatureMatchingOptions(), params.matching, "matching")
     opts.max_num_matches = max(opts.max_num_matches, 2 * att.max_num_features)
     if params.features == "aliked":
         opts.type = pycolmap.FeatureMatcherType.ALIKED_LIGHTGLUE
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = params.seed
+    merge_options(verification, params.verification, "verification")
     names = frames.names
-    pairs: set[tuple[str, str]] = set()
     if att.matcher == "exhaustive":
         pairs = {(a, b) for i, a in enumerate(names) for b in names[i + 1:]}
     elif att.matcher == "sequential":
-        for i, a in enumerate(names):
-            steps = list(range(1, att.overlap + 1)) + [2**e for e in range(int(math.log2(att.overlap)) + 1, 8)]
-            pairs |= {(a, names[i + s]) for s in steps if i + s < len(names)}
+        pairs = sequential_pairs(names, att.overlap)
         if params.loop_closure and len(names) > 2 * att.overlap:
-            pairs |= vlad_pairs(db, names, 3, att.overlap, params.seed)
+            pairs |= vlad_pairs(db, names, params.loop_closure_neighbors, att.overlap, params.seed)
     else:  # retrieval
         pairs = vlad_pairs(db, names, att.neighbors, 0, params.seed)
     pairs_file = work / f"pairs_{att.name}.txt"
     pairs_file.write_text("".join(f"{a} {b}\n" for a, b in sorted(pairs)))
-    pairing = pycolmap.ImportedPairingOptions()
-    pairing.match_list_path = str(pairs_file)
-    pycolmap.match_image_pairs(db, matching_options=opts, pairing_options=pairing, device=_device(params.device))
+    if pairs:
+        pairing = pycolmap.ImportedPairingOptions()
+        pairing.match_list_path = str(pairs_file)
+        pycolmap.match_image_pairs(db, matching_options=opts, pairing_options=pairing,
+                                   verification_options=verification, device=_device(params.device))
     return len(pairs)
 
 
-def map_images(db: Path, frames: Frames, params: SfmParams, att: Attempt, out: Path) -> dict[int, Any]:
-    """Run the attempt's mapper; returns pycolmap's models."""
+def verified_pairs(db: Path) -> dict[tuple[str, str], Any]:
+    """Verified two-view geometries by (name1, name2) in database order (H maps image 1 to image 2)."""
+    database = pycolmap.Database.open(str(db))
+    try:
+        names = {im.image_id: im.name for im in database.read_all_images()}
+        pair_ids, geoms = database.read_two_view_geometries()
+    finally:
+        database.close()
+    cfg = pycolmap.TwoViewGeometryConfiguration
+    out = {}
+    for pid, g in zip(pair_ids, geoms):
+        if g.config in (cfg.UNDEFINED, cfg.DEGENERATE, cfg.WATERMARK) or len(g.inlier_matches) < MIN_PAIR_INLIERS:
+            continue
+        a, b = pycolmap.pair_id_to_image_pair(pid)
+        out[(names[a], names[b])] = g
+    return out
+
+
+def consecutive_overlap(names: list[str], geoms: dict) -> float:
+    """Share of consecutive frames whose pair was verified (1.0 for a true sequence)."""
+    if len(names) < 2:
+        return 0.0
+    return sum((a, b) in geoms or (b, a) in geoms for a, b in zip(names, names[1:])) / (len(names) - 1)
+
+
+def rotation_only(geoms: dict, rec: Any) -> dict:
+    """How far the verified pairs look like a camera rotating in place.
+
+    COLMAP labels a pair PLANAR_OR_PANORAMIC when a homography explains it, which a camera moving around an
+    object on a table (a hand-held orbit) or past a flat facade also gives: `homography_pairs` is necessary for
+    a rotation-only capture, not sufficient. A rotating camera's homography is a rotation conjugated by the
+    calibration, H = K2 R K1^-1, so K2^-1 H K1 has three equal singular values, while a baseline adds
+    t n^T / d and spreads them: `rotation_residual` is the median spread (model intrinsics), ~0.01 for a
+    rotating camera, ~0.1 and more with a baseline a tenth of the scene depth.
+    """
+    cfg = pycolmap.TwoViewGeometryConfiguration
+    K_of = {im.name: rec.cameras[im.camera_id].calibration_matrix() for im in rec.images.values()}
+    homography = [(a, b, g) for (a, b), g in geoms.items() if g.config in (cfg.PANORAMIC, cfg.PLANAR_OR_PANORAMIC)]
+    spread = [sv[0] / max(sv[2], 1e-12) - 1 for sv in (
+        np.linalg.svd(np.linalg.inv(K_of[b]) @ np.asarray(g.H) @ K_of[a], compute_uv=False)
+        for a, b, g in homography if a in K_of and b in K_of)]
+    return {"homography_pairs": len(homography) / max(len(geoms), 1),
+            "rotation_residual": float(np.median(spread)) if spread else None}
+
+
+def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Path) -> dict[int, Any]:
+    """Run one mapper on the database's matches (seeded, GPU only where pycolmap has CUDA); pycolmap's models."""
     out.mkdir(parents=True, exist_ok=True)
-    known = all(frames.intrinsics.get(g) for g in frames.groups)
-    refine = params.refine_intrinsics or not known
-    if att.mapper == "global":
+    refine = params.refine_intrinsics or not frames.focal_known
+    gpu = _use_gpu(params)
+    if mapper == "global":
         opts = pycolmap.GlobalPipelineOptions()
         opts.random_seed = params.seed
-        ba = opts.mapper.bundle_adjustment
+        m = opts.mapper
+        m.random_seed = m.rotation_averaging.random_seed = m.global_positioning.random_seed = params.seed
+        m.retriangulation.random_seed = params.seed
+        m.global_positioning.use_gpu = gpu
+        ba = m.bundle_adjustment
+        ba.ceres.use_gpu = gpu
         ba.refine_focal_length = refine
         ba.refine_extra_params = refine
         merge_options(opts, params.mapping, "mapping")
         return pycolmap.global_mapping(db, frames.image_dir, out, opts)
     opts = pycolmap.IncrementalPipelineOptions()
-    opts.random_seed = params.seed
+    opts.random_seed = opts.mapper.random_seed = opts.triangulation.random_seed = params.seed
+    opts.ba_use_gpu = gpu
     opts.ba_refine_focal_length = refine
     opts.ba_refine_extra_params = refine
     # A forward-driving camera makes every initial pair "forward motion"; COLMAP's 0.95 limit rejects them all.
@@ -333,63 +521,108 @@ def map_images(db: Path, frames: Frames, params: SfmParams, att: Attempt, out: P
 # ------------------------------------------------------------------------------------- health gate
 
 
-def rotation_only_ratio(db: Path) -> float:
-    """Fraction of verified pairs COLMAP explains by a homography of a rotating camera (panoramic)."""
-    database = pycolmap.Database.open(str(db))
-    try:
-        _, geoms = database.read_two_view_geometries()
-    finally:
-        database.close()
-    cfg = pycolmap.TwoViewGeometryConfiguration
-    verified = [g for g in geoms if g.config not in (cfg.UNDEFINED, cfg.DEGENERATE, cfg.WATERMARK)]
-    if not verified:
-        return 0.0
-    return sum(g.config in (cfg.PANORAMIC, cfg.PLANAR_OR_PANORAMIC) for g in verified) / len(verified)
+def _registered(rec: Any, frames: Frames) -> list[Any]:
+    """The model's registered mapping images in capture order."""
+    order = {n: i for i, n in enumerate(frames.names)}
+    return sorted((im for im in rec.images.values() if im.has_pose and im.name in order), key=lambda im: order[im.name])
 
 
-def model_numbers(rec: Any, frames: Frames) -> dict:
+def fov_long_side_deg(cam: Any) -> float:
+    """Field of view across the image's long side, from the camera's focal length (degrees)."""
+    f, size = (cam.focal_length_x, cam.width) if cam.width >= cam.height else (cam.focal_length_y, cam.height)
+    return math.degrees(2 * math.atan(size / (2 * f)))
+
+
+def triangulation_angles_deg(rec: Any, seed: int) -> np.ndarray:
+    """Largest angle between the viewing rays of each 3D point (a sample of the points), degrees."""
+    ids = sorted(rec.points3D)
+    if not ids:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    ids = [ids[i] for i in sorted(rng.choice(len(ids), min(len(ids), TRI_ANGLE_SAMPLES), replace=False))]
+    centers = {i: im.projection_center() for i, im in rec.images.items() if im.has_pose}
+    out = []
+    for pid in ids:
+        p = rec.points3D[pid]
+        rays = np.stack([centers[e.image_id] - p.xyz for e in p.track.elements if e.image_id in centers])
+        rays /= np.linalg.norm(rays, axis=1, keepdims=True) + 1e-12
+        cos = rays @ rays.T
+        out.append(math.degrees(math.acos(float(np.clip(cos.min(), -1, 1)))))
+    return np.asarray(out)
+
+
+def path_continuity(ims: list[Any]) -> dict:
+    """Step spikes and turns along an ordered capture's camera path.
+
+    A step is compared with the median of the STEP_WINDOW steps on either side, floored at STEP_FLOOR of the
+    path's median step: a model glued from pieces at different scales jumps at the seams, while a vehicle that
+    speeds up or slows down changes its step gradually.
+    """
+    poses = [im.cam_from_world().matrix() for im in ims]
+    centers = np.stack([camera_center(p) for p in poses])
+    steps = np.linalg.norm(np.diff(centers, axis=0), axis=1)
+    floor = STEP_FLOOR * max(float(np.median(steps)), 1e-12)
+    spikes = []
+    for i, s in enumerate(steps):
+        nb = np.concatenate([steps[max(0, i - STEP_WINDOW):i], steps[i + 1:i + 1 + STEP_WINDOW]])
+        spikes.append(s / max(float(np.median(nb)) if len(nb) else s, floor))
+    turns = [rotation_angle_deg(b[:3, :3] @ a[:3, :3].T) for a, b in zip(poses, poses[1:])]
+    worst = int(np.argmax(spikes))
+    return {"step_ratio": float(spikes[worst]), "step_ratio_at": f"{ims[worst].name} -> {ims[worst + 1].name}",
+            "max_turn_deg": float(max(turns))}
+
+
+def model_numbers(rec: Any, frames: Frames, ordered: bool, seed: int) -> dict:
     """Health numbers of one model."""
-    names = set(frames.names)
-    reg = [im for im in rec.images.values() if im.has_pose and im.name in names]
-    fov = []
-    for cam in rec.cameras.values():
-        fx = cam.focal_length_x if hasattr(cam, "focal_length_x") else cam.focal_length
-        fov.append(math.degrees(2 * math.atan(cam.width / (2 * fx))))
+    reg = _registered(rec, frames)
     out = {
         "registered": len(reg),
         "registered_ratio": len(reg) / max(1, len(frames.names)),
         "reprojection_error_px": float(rec.compute_mean_reprojection_error()),
         "track_length": float(rec.compute_mean_track_length()),
         "points": int(rec.num_points3D()),
-        "fov_deg": [round(f, 2) for f in fov],
+        "fov_deg": [round(fov_long_side_deg(c), 2) for _, c in sorted(rec.cameras.items())],
+        "focal_px": [round(float(c.mean_focal_length()), 2) for _, c in sorted(rec.cameras.items())],
     }
-    if len(reg) >= 2 and rec.num_points3D():
-        # Baseline over scene depth: near zero for a camera that only rotates (no triangulation possible).
-        centers = np.stack([im.projection_center() for im in reg])
-        pts = np.array([p.xyz for p in rec.points3D.values()])
-        depth = np.median(np.linalg.norm(pts - centers.mean(0), axis=1))
-        out["baseline_ratio"] = float(np.linalg.norm(centers - centers.mean(0), axis=1).max() / max(depth, 1e-12))
-    if frames.is_video and len(reg) >= 3:
-        order = {n: i for i, n in enumerate(frames.names)}
-        poses = sorted(((order[im.name], im.cam_from_world().matrix()) for im in reg), key=lambda t: t[0])
-        centers = np.stack([camera_center(p) for _, p in poses])
-        steps = np.linalg.norm(np.diff(centers, axis=0), axis=1)
-        turns = [rotation_angle_deg(a[:3, :3] @ b[:3, :3].T) for (_, a), (_, b) in zip(poses, poses[1:])]
-        out["step_ratio"] = float(steps.max() / max(np.median(steps), 1e-12))
-        out["max_turn_deg"] = float(max(turns))
+    angles = triangulation_angles_deg(rec, seed)
+    out["triangulation_angle_deg_median"] = float(np.median(angles)) if len(angles) else 0.0
+    if ordered and len(reg) >= 3:
+        out.update(path_continuity(reg))
     return out
 
 
-def gate(numbers: dict, n_models: int, params: SfmParams) -> list[str]:
+def compare_models(rec_a: Any, rec_b: Any, frames: Frames) -> dict:
+    """How far two models of the same images disagree after a Sim3 (b's frame); empty if < 3 shared images."""
+    a = {im.name: im.cam_from_world().matrix() for im in _registered(rec_a, frames)}
+    b = {im.name: im.cam_from_world().matrix() for im in _registered(rec_b, frames)}
+    shared = [n for n in frames.names if n in a and n in b]
+    if len(shared) < 3:
+        return {}
+    err = pose_errors([a[n] for n in shared], [b[n] for n in shared])
+    fa = np.mean([c.mean_focal_length() for c in rec_a.cameras.values()])
+    fb = np.mean([c.mean_focal_length() for c in rec_b.cameras.values()])
+    extent = max(err["trajectory_length"], 1e-12)
+    return {
+        "shared_images": len(shared),
+        "rotation_deg_median": err["rotation_error_deg_median"],
+        "position_median_of_path": err["position_error_median"] / extent,
+        "focal_rel": float(abs(fa - fb) / max(fa, fb)),
+    }
+
+
+def gate(numbers: dict, params: SfmParams) -> list[str]:
     """Reasons an attempt fails the health gate (empty when it passes)."""
     why = []
     if numbers["registered_ratio"] < params.gate_min_registered_ratio:
-        why.append(f"registered {numbers['registered_ratio']:.0%} < {params.gate_min_registered_ratio:.0%}")
-    if numbers.get("rotation_only_pairs", 0.0) > params.gate_max_rotation_only:
-        why.append(f"{NO_BASELINE}: {numbers['rotation_only_pairs']:.0%} of the verified pairs are explained by "
-                   f"a rotating camera > {params.gate_max_rotation_only:.0%}")
-    if n_models > 1:
-        why.append(f"{n_models} models")
+        models = numbers.get("models", 1)
+        why.append(f"registered {numbers['registered_ratio']:.0%} < {params.gate_min_registered_ratio:.0%}"
+                   + (f" ({models} models)" if models > 1 else ""))
+    residual = numbers.get("rotation_residual")
+    if numbers.get("homography_pairs", 0.0) > params.gate_max_rotation_only and residual is not None \
+            and residual < ROTATION_H_TOL:
+        why.append(f"{NO_BASELINE}: {numbers['homography_pairs']:.0%} of the verified pairs are homographies "
+                   f"> {params.gate_max_rotation_only:.0%}, and rotations (calibrated singular values "
+                   f"{residual:.3f} apart < {ROTATION_H_TOL})")
     if numbers["reprojection_error_px"] > params.gate_max_reprojection_px:
         why.append(f"reprojection {numbers['reprojection_error_px']:.2f} px > {params.gate_max_reprojection_px}")
     if numbers["track_length"] < params.gate_min_track_length:
@@ -397,41 +630,151 @@ def gate(numbers: dict, n_models: int, params: SfmParams) -> list[str]:
     lo, hi = params.gate_fov_deg
     bad_fov = [f for f in numbers["fov_deg"] if not lo <= f <= hi]
     if bad_fov:
-        why.append(f"implausible field of view {bad_fov} deg (focal length wrong?)")
+        why.append(f"implausible field of view {bad_fov} deg on the long side (focal length wrong?)")
     if numbers.get("step_ratio", 0) > params.gate_max_step_ratio:
-        why.append(f"trajectory jumps: step ratio {numbers['step_ratio']:.1f} > {params.gate_max_step_ratio}")
+        why.append(f"camera path jumps: a step {numbers['step_ratio']:.1f}x its neighbours' "
+                   f"({numbers['step_ratio_at']}) > {params.gate_max_step_ratio}")
     if numbers.get("max_turn_deg", 0) > params.gate_max_turn_deg:
-        why.append(f"trajectory turns {numbers['max_turn_deg']:.1f} deg between frames > {params.gate_max_turn_deg}")
+        why.append(f"camera path turns {numbers['max_turn_deg']:.1f} deg between consecutive frames > "
+                   f"{params.gate_max_turn_deg}")
+    cross = numbers.get("cross_check") or {}
+    if cross.get("mapper") and not cross.get("shared_images"):
+        why.append(f"cross-check: the {cross['mapper']} mapper shares fewer than 3 images with this model")
+    elif cross.get("shared_images"):
+        what = []
+        if cross["focal_rel"] > params.gate_max_focal_disagreement:
+            what.append(f"focal lengths {cross['focal_rel']:.1%} apart")
+        if cross["rotation_deg_median"] > params.gate_max_rotation_disagreement_deg:
+            what.append(f"orientations {cross['rotation_deg_median']:.2f} deg apart")
+        if cross["position_median_of_path"] > params.gate_max_position_disagreement:
+            what.append(f"positions {cross['position_median_of_path']:.1%} of the path apart")
+        if what:
+            why.append(f"cross-check: the {cross['mapper']} mapper disagrees ({', '.join(what)})")
     return why
 
 
-def ladder(frames: Frames, params: SfmParams) -> list[Attempt]:
-    """The escalation ladder: base, more features/matches, another matcher, another mapper."""
-    n = len(frames.names)
+GEOMETRIC = ("camera path", "field of view", "cross-check")
+
+
+def first_matcher(frames: Frames, params: SfmParams, ordered: bool) -> str:
+    """The matcher of the first attempt."""
     if params.matcher != "auto":
-        first = params.matcher
-    elif frames.is_video:
-        first = "sequential"
-    else:
-        first = "exhaustive" if n <= params.exhaustive_max_images else "retrieval"
-    other_matcher = "exhaustive" if n <= 3 * params.exhaustive_max_images and first != "exhaustive" else (
-        "retrieval" if first != "retrieval" else "sequential")
+        return params.matcher
+    if ordered:
+        return "sequential"
+    return "exhaustive" if len(frames.names) <= params.exhaustive_max_images else "retrieval"
+
+
+def next_rung(frames: Frames, params: SfmParams, ordered: bool, done: list[Attempt], why: list[str],
+              mapped: set[tuple]) -> Attempt | None:
+    """The next rung of the ladder for the last attempt's rejection reasons, or None when no rung is left.
+
+    Each rung changes something for the input at hand: a geometric failure (camera path, focal length, mapper
+    disagreement) first tries the other mapper on the same matches; too few registered images or short tracks
+    first try more features and wider matching; another matcher is only tried where it adds pairs (retrieval
+    pairs are a subset of an exhaustive set's). `mapped` holds (matches_key, mapper) already run, so a
+    cross-check's model is not tried again as a rung.
+    """
+    if len(done) >= params.max_attempts:
+        return None
+    n = len(frames.names)
+    base = done[0]
     other_mapper = "incremental" if params.mapper == "global" else "global"
-    f, o, k = params.max_num_features, params.sequential_overlap, params.retrieval_neighbors
-    rungs = [
-        Attempt("base", f, False, first, o, k, params.mapper),
-        Attempt("more_features", 2 * f, True, first, 2 * o, 2 * k, params.mapper),
-        Attempt("other_matcher", 2 * f, True, other_matcher, 2 * o, 2 * k, params.mapper),
-        Attempt("other_mapper", 2 * f, True, other_matcher, 2 * o, 2 * k, other_mapper),
-    ]
-    return rungs[: params.max_attempts]
+    f, o, k = 2 * params.max_num_features, 2 * params.sequential_overlap, 2 * params.retrieval_neighbors
+    last = done[-1]
+    first = base.matcher
+    if first == "exhaustive":
+        other_matcher = None
+    elif n <= 3 * params.exhaustive_max_images:
+        other_matcher = "exhaustive"
+    else:
+        other_matcher = "sequential" if first == "retrieval" and ordered else (
+            "retrieval" if first == "sequential" else None)
+    candidates = {
+        "other_mapper": dataclasses.replace(last, name="other_mapper", mapper=other_mapper),
+        "more_features": Attempt("more_features", f, True, first, o, k, last.mapper),
+        "other_matcher": Attempt("other_matcher", f, True, other_matcher, o, k, last.mapper) if other_matcher else None,
+    }
+    geometric = any(r.startswith(g) for r in why for g in GEOMETRIC)
+    order = ["other_mapper", "more_features", "other_matcher"] if geometric else [
+        "more_features", "other_matcher", "other_mapper"]
+    tried = {a.name for a in done}
+    for name in order:
+        rung = candidates[name]
+        if rung is None or name in tried:
+            continue
+        if name == "other_mapper" and (rung.matches_key, rung.mapper) in mapped:
+            continue
+        return rung
+    return None
 
 
 # ------------------------------------------------------------------------------ gravity, scale, output
 
 
-def gravity_and_scale(rec: Any, names: list[str], params: SfmParams) -> dict:
-    """Rotate `rec` so z is up with the ground at z=0, scale it to metres from the camera height."""
+def _fit_ground(below: np.ndarray, up: np.ndarray, thresh: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """RANSAC plane among points below the cameras, roughly perpendicular to `up`: (normal, offset, inlier share)."""
+    rng = np.random.default_rng(seed)
+    best = (0, up, float(np.median(below @ up)))
+    for _ in range(GROUND_RANSAC_ITERS):
+        s = below[rng.choice(len(below), 3, replace=False)]
+        n = np.cross(s[1] - s[0], s[2] - s[0])
+        if np.linalg.norm(n) < 1e-12:
+            continue
+        n /= np.linalg.norm(n)
+        n = n if n @ up > 0 else -n
+        if n @ up < np.cos(np.radians(GROUND_MAX_TILT_DEG)):
+            continue
+        d = float(n @ s[0])
+        cnt = int((np.abs(below @ n - d) < thresh).sum())
+        if cnt > best[0]:
+            best = (cnt, n, d)
+    cnt, normal, offset = best
+    inl = below[np.abs(below @ normal - offset) < thresh]
+    if len(inl) >= 3:  # least-squares refit on the inliers
+        c = inl.mean(0)
+        normal = np.linalg.svd(inl - c)[2][2]
+        normal = normal if normal @ up > 0 else -normal
+        offset = float(normal @ c)
+    return normal, offset, cnt / len(below)
+
+
+def scale_evidence(poses: list[np.ndarray], normal: np.ndarray, offset: float, inlier_share: float) -> dict:
+    """How much the capture looks like a camera driven over the fitted ground, each factor in [0, 1].
+
+    - support: a plane holds at least a tenth of the points below the cameras (cars, kerbs and plants take
+      the rest on a street);
+    - height: the cameras ride at a constant height over it (relative spread, 1/e at HEIGHT_SPREAD_SCALE);
+    - level: the cameras' up axes stay near the plane's normal (1/e at LEVEL_TILT_SCALE_DEG);
+    - forward: the cameras move along their viewing direction, as a vehicle does (an orbit or a walk past a
+      facade moves sideways).
+    Their product is the scale confidence: the camera height is a metric yardstick only for such a capture.
+    """
+    centers = np.stack([camera_center(p) for p in poses])
+    heights = centers @ normal - offset
+    h_med = float(np.median(heights))
+    if h_med <= 0:
+        return {"support": 0.0, "height": 0.0, "level": 0.0, "forward": 0.0, "camera_height_model": h_med,
+                "camera_height_rel_spread": None}
+    spread = float(np.std(heights) / h_med)
+    tilt = np.degrees(np.arccos(np.clip([-p[1, :3] @ normal for p in poses], -1, 1)))
+    steps = np.diff(centers, axis=0)
+    steps -= np.outer(steps @ normal, normal)
+    fwd = np.stack([p[2, :3] - (p[2, :3] @ normal) * normal for p in poses[:-1]])
+    ok = (np.linalg.norm(steps, axis=1) > 1e-12) & (np.linalg.norm(fwd, axis=1) > 1e-12)
+    cos = np.abs((steps[ok] * fwd[ok]).sum(1)) / (np.linalg.norm(steps[ok], axis=1) * np.linalg.norm(fwd[ok], axis=1))
+    return {
+        "support": float(np.clip(inlier_share / GROUND_MIN_SHARE, 0, 1)),
+        "height": float(np.exp(-spread / HEIGHT_SPREAD_SCALE)),
+        "level": float(np.exp(-((np.median(tilt) / LEVEL_TILT_SCALE_DEG) ** 2))),
+        "forward": float(np.median(cos)) if len(cos) else 0.0,
+        "camera_height_model": h_med,
+        "camera_height_rel_spread": spread,
+    }
+
+
+def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: SceneSettings) -> dict:
+    """Rotate `rec` so z is up with the ground at z=0; scale it to metres from the camera height where earned."""
     order = {n: i for i, n in enumerate(names)}
     ims = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: order.get(im.name, 0))
     poses = [im.cam_from_world().matrix() for im in ims]
@@ -439,49 +782,37 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams) -> dict:
     up = -np.mean([p[1, :3] for p in poses], axis=0)  # camera -y axis, in world coordinates
     up /= np.linalg.norm(up)
     pts = np.array([p.xyz for p in rec.points3D.values()]) if rec.num_points3D() else np.zeros((0, 3))
-    info: dict = {"scale_source": "camera_height", "camera_height_m": params.camera_height_m}
-    # Ground candidates: points below the cameras along `up`.
+    height_m = settings.camera_height_m or params.camera_height_m
+    info: dict = {"camera_height_m": height_m, "camera_height_from": "scene.yaml" if settings.camera_height_m
+                  else "params.yaml", "metric_scale_setting": settings.metric_scale}
     h_pts = pts @ up
     below = pts[h_pts < np.median(centers @ up) - 1e-9] if len(pts) else pts
     normal, offset, inliers = up, float(np.percentile(h_pts, 5)) if len(pts) else 0.0, 0.0
     if len(below) >= 20:
-        rng = np.random.default_rng(params.seed)
-        spread = np.median(np.abs(np.diff(centers @ up))) + np.median(np.linalg.norm(np.diff(centers, axis=0), axis=1))
-        thresh = max(spread, 1e-6) * 0.05
-        best = (0, normal, offset)
-        for _ in range(300):
-            s = below[rng.choice(len(below), 3, replace=False)]
-            n = np.cross(s[1] - s[0], s[2] - s[0])
-            if np.linalg.norm(n) < 1e-12:
-                continue
-            n /= np.linalg.norm(n)
-            if n @ up < 0:
-                n = -n
-            if n @ up < np.cos(np.radians(30)):  # the ground is roughly perpendicular to the cameras' up
-                continue
-            d = float(n @ s[0])
-            cnt = int((np.abs(below @ n - d) < thresh).sum())
-            if cnt > best[0]:
-                best = (cnt, n, d)
-        cnt, normal, offset = best
-        inl = below[np.abs(below @ normal - offset) < thresh]
-        if len(inl) >= 3:  # least-squares refit on the inliers
-            c = inl.mean(0)
-            normal = np.linalg.svd(inl - c)[2][2]
-            normal = normal if normal @ up > 0 else -normal
-            offset = float(normal @ c)
-        inliers = cnt / len(below)
-    heights = centers @ normal - offset
-    h_med = float(np.median(heights))
-    if h_med > 0:
-        scale = params.camera_height_m / h_med
-    else:
+        step = np.median(np.linalg.norm(np.diff(centers, axis=0), axis=1)) if len(centers) > 1 else 0.0
+        thresh = max(np.median(np.abs(np.diff(centers @ up))) + step, 1e-6) * 0.05
+        normal, offset, inliers = _fit_ground(below, up, thresh, params.seed)
+    evidence = scale_evidence(poses, normal, offset, inliers)
+    ground = evidence["camera_height_model"] > 0
+    confidence = float(np.prod([evidence[k] for k in ("support", "height", "level", "forward")])) if ground else 0.0
+    if not ground:
         # No ground below the cameras (an object-centric capture): z up from the cameras, no metric scale.
-        log.warning("no ground plane below the cameras: gravity from the camera up vectors, scale left as is")
-        normal, offset, inliers, scale = up, float(np.median(h_pts)) if len(pts) else 0.0, 0.0, 1.0
-        heights = centers @ normal - offset
-        h_med = float(np.median(np.abs(heights))) or 1.0
-        info["scale_source"] = "none: no ground plane below the cameras"
+        normal, offset = up, float(np.median(h_pts)) if len(pts) else 0.0
+    if settings.metric_scale == "none":
+        apply, why = False, "scene.yaml sets metric_scale: none"
+    elif not ground:
+        apply, why = False, "no ground plane below the cameras"
+    elif settings.metric_scale == "camera_height":
+        apply, why = True, "scene.yaml sets metric_scale: camera_height"
+    elif confidence >= params.min_scale_confidence:
+        apply, why = True, f"confidence {confidence:.2f} >= sfm.min_scale_confidence {params.min_scale_confidence}"
+    else:
+        apply, why = False, (f"confidence {confidence:.2f} < sfm.min_scale_confidence {params.min_scale_confidence}"
+                             " (not a camera driven over a ground plane); set metric_scale: camera_height in the "
+                             "scene's scene.yaml to force it")
+    scale = height_m / evidence["camera_height_model"] if apply else 1.0
+    if not apply:
+        log.info("model left unscaled: %s", why)
     # Rotation taking `normal` to +z; x along the main direction of travel projected on the ground.
     travel = centers[-1] - centers[0]
     x = travel - (travel @ normal) * normal
@@ -489,15 +820,16 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams) -> dict:
         x = np.cross(normal, [1.0, 0, 0]) if abs(normal[0]) < 0.9 else np.cross(normal, [0, 1.0, 0])
     x /= np.linalg.norm(x)
     R_33 = np.stack([x, np.cross(normal, x), normal])
-    t_3 = -scale * (R_33 @ (normal * offset))  # ground plane to z = 0
+    t_3 = -scale * (R_33 @ (normal * offset))  # ground plane (or the points' median height) to z = 0
     rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(R_33), t_3))
-    rel_spread = float(np.std(heights) / h_med)
     info.update({
+        "metric": apply,
+        "scale_source": "camera_height" if apply else f"none: {why}",
+        "scale_reason": why,
         "scale": float(scale),
         "ground_inlier_ratio": float(inliers),
-        "camera_height_rel_spread": rel_spread,
-        # High when the ground plane is well supported and the cameras ride at a constant height over it.
-        "scale_confidence": float(np.clip(inliers, 0, 1) * np.exp(-rel_spread / 0.1)) if inliers else 0.0,
+        "scale_confidence": confidence,
+        "scale_evidence": evidence,
     })
     return info
 
@@ -545,62 +877,126 @@ def evaluate(rec: Any, frames: Frames) -> dict:
 # ----------------------------------------------------------------------------------------------- run
 
 
+class _Work:
+    """Features, matches and models of one run, each computed once and shared by the attempts that need it."""
+
+    def __init__(self, root: Path, frames: Frames, params: SfmParams):
+        self.root, self.frames, self.params = root, frames, params
+        self.features: dict[tuple, Path] = {}
+        self.matched: dict[tuple, tuple[Path, int]] = {}
+        self.models: dict[tuple, dict[int, Any]] = {}
+        self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0}
+
+    def database(self, att: Attempt) -> tuple[Path, int]:
+        """A database holding the attempt's features and verified matches, and the number of pairs tried."""
+        if att.matches_key not in self.matched:
+            fkey = (att.max_num_features, att.upsample)
+            t0 = time.perf_counter()
+            if fkey not in self.features:
+                db = self.root / f"features_{att.max_num_features}_{int(att.upsample)}.db"
+                log.info("features: %s, %d per image%s, %d images", self.params.features, att.max_num_features,
+                         " (upsampled octave)" if att.upsample else "", len(self.frames.names))
+                extract(db, self.frames, self.params, att.max_num_features, att.upsample)
+                self.features[fkey] = db
+            t1 = time.perf_counter()
+            self.seconds["features"] += t1 - t0
+            db = self.root / f"matches_{len(self.matched)}.db"
+            shutil.copy(self.features[fkey], db)
+            log.info("matching: %s%s", att.matcher, f" (overlap {att.overlap})" if att.matcher == "sequential" else "")
+            n_pairs = match(db, self.root, self.frames, self.params, att)
+            self.seconds["matching"] += time.perf_counter() - t1
+            self.matched[att.matches_key] = (db, n_pairs)
+        return self.matched[att.matches_key]
+
+    def map(self, att: Attempt, mapper: str) -> dict[int, Any]:
+        """The models of `mapper` on the attempt's matches."""
+        key = (att.matches_key, mapper)
+        if key not in self.models:
+            db, _ = self.database(att)
+            t0 = time.perf_counter()
+            log.info("mapping: %s mapper", mapper)
+            self.models[key] = map_images(db, self.frames, self.params, mapper, self.root / f"map_{len(self.models)}")
+            self.seconds["mapping"] += time.perf_counter() - t0
+        return self.models[key]
+
+
+def _largest(models: dict[int, Any]) -> Any | None:
+    return max(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D())) if models else None
+
+
 def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
     """Estimate camera poses for ingest's mapping frames; write model, poses, sparse cloud and metrics."""
     t_start = time.perf_counter()
+    quiet_colmap(params.verbose)
+    pycolmap.set_random_seed(params.seed)
     fr = read_frames(Path(frames))
     if len(fr.names) < params.min_images:
         raise StageError(f"only {len(fr.names)} mapping image(s) in {frames} (SfM needs sfm.min_images="
                          f"{params.min_images}); add images or lower ingest.query_every / sfm.min_images")
-    attempts, best = [], None
-    seconds: dict[str, float] = {"features": 0.0, "matching": 0.0, "mapping": 0.0}
+    ordered = fr.sequence
+    sequence: dict = {"from_ingest": fr.sequence}
+    cross = params.cross_check == "always" or (params.cross_check == "auto" and ordered and not fr.focal_known)
+    other = "incremental" if params.mapper == "global" else "global"
+    attempts: list[dict] = []
+    done: list[Attempt] = []
+    best = None
     with tempfile.TemporaryDirectory(prefix="sfm-") as work_s:
-        work = Path(work_s)
-        feature_dbs: dict[int, Path] = {}
-        for att in ladder(fr, params):
+        work = _Work(Path(work_s), fr, params)
+        att: Attempt | None = Attempt("base", params.max_num_features, False, first_matcher(fr, params, ordered),
+                                      params.sequential_overlap, params.retrieval_neighbors, params.mapper)
+        while att is not None:
             t0 = time.perf_counter()
-            key = (att.max_num_features, att.upsample)
-            if key not in feature_dbs:
-                db = work / f"features_{att.max_num_features}_{int(att.upsample)}.db"
-                extract(db, fr, params, att.max_num_features, att.upsample)
-                feature_dbs[key] = db
-            seconds["features"] += (t1 := time.perf_counter()) - t0
-            db = work / f"{att.name}.db"
-            shutil.copy(feature_dbs[key], db)
-            n_pairs = match(db, work, fr, params, att)
-            seconds["matching"] += (t2 := time.perf_counter()) - t1
-            rotation_only = rotation_only_ratio(db)
-            models = map_images(db, fr, params, att, work / att.name)
-            seconds["mapping"] += time.perf_counter() - t2
-            record = {**dataclasses.asdict(att), "pairs": n_pairs, "rotation_only_pairs": rotation_only,
-                      "models": len(models),
-                      "seconds": round(time.perf_counter() - t0, 2)}
-            if not models:
+            db, n_pairs = work.database(att)
+            geoms = verified_pairs(db)
+            if not done and att.matcher == "sequential" and ordered and params.matcher == "auto":
+                sequence["consecutive_overlap"] = consecutive_overlap(fr.names, geoms)
+                if sequence["consecutive_overlap"] < MIN_SEQUENCE_OVERLAP:
+                    log.warning("not matched as a sequence: only %.0f%% of consecutive frames overlap",
+                                100 * sequence["consecutive_overlap"])
+                    ordered, cross = False, params.cross_check == "always"
+                    att = dataclasses.replace(att, matcher=first_matcher(fr, params, False))
+                    continue
+            models = work.map(att, att.mapper)
+            record = {**dataclasses.asdict(att), "pairs": n_pairs, "verified_pairs": len(geoms), "models": len(models)}
+            rec = _largest(models)
+            if rec is None:
                 record.update(registered_ratio=0.0, rejected=["no model: too few verified matches or no baseline"])
             else:
-                ranked = sorted(models.values(), key=lambda r: r.num_reg_images(), reverse=True)
-                numbers = {**model_numbers(ranked[0], fr), "rotation_only_pairs": rotation_only}
-                record.update(numbers, rejected=gate(numbers, len(models), params),
-                              other_models=[sorted(im.name for im in r.images.values() if im.has_pose)
-                                            for r in ranked[1:]])
-                if best is None or numbers["registered"] > best[1]["registered"] or (
-                        numbers["registered"] == best[1]["registered"] and not record["rejected"]):
-                    best = (ranked[0], record)
+                numbers = {**model_numbers(rec, fr, ordered, params.seed),
+                           **rotation_only(geoms, rec), "models": len(models)}
+                if cross:
+                    numbers["cross_check"] = {"mapper": other if att.mapper == params.mapper else params.mapper}
+                    other_rec = _largest(work.map(att, numbers["cross_check"]["mapper"]))
+                    if other_rec is not None:
+                        numbers["cross_check"].update(compare_models(rec, other_rec, fr))
+                main_names = {im.name for im in rec.images.values() if im.has_pose}
+                # A second model only matters when it holds images the main one lacks (registered_ratio says so).
+                record.update(numbers, rejected=gate(numbers, params),
+                              other_models=[sorted(n for n in (im.name for im in r.images.values() if im.has_pose)
+                                                   if n not in main_names)
+                                            for r in models.values() if r is not rec])
+                score = (not record["rejected"], numbers["registered"], -len(record["rejected"]))
+                if best is None or score > best[2]:
+                    best = (rec, record, score)
+            record["seconds"] = round(time.perf_counter() - t0, 2)
             attempts.append(record)
-            log.info("attempt %s: %d pairs, %.0f%% rotation-only, %d model(s), %d/%d registered: %s", att.name,
-                     n_pairs, 100 * rotation_only, len(models), record.get("registered", 0), len(fr.names),
-                     "; ".join(record["rejected"]) or "passed the health gate")
+            done.append(att)
+            log.info("attempt %s: %d pairs, %d model(s), %d/%d registered: %s", att.name, n_pairs, len(models),
+                     record.get("registered", 0), len(fr.names), "; ".join(record["rejected"]) or "passed the health gate")
             if not record["rejected"]:
                 break
+            mapped = set(work.models) if cross else {(a.matches_key, a.mapper) for a in done}
+            att = next_rung(fr, params, ordered, done, record["rejected"], mapped)
         if best is None:
             raise StageError(_no_model_message(fr, attempts, frames))
-        rec, chosen = best
+        rec, chosen, _ = best
         if any(r.startswith(NO_BASELINE) for r in chosen["rejected"]):
             raise StageError(f"{NO_BASELINE} in {frames}: the camera rotated in place ("
-                             f"{chosen['rotation_only_pairs']:.0%} of the image pairs), so no 3D structure can be "
+                             f"{chosen['homography_pairs']:.0%} of the image pairs), so no 3D structure can be "
                              "triangulated; capture while moving the camera, or raise sfm.gate_max_rotation_only")
+        seconds = dict(work.seconds)
         t0 = time.perf_counter()
-        scale_info = gravity_and_scale(rec, fr.names, params)
+        scale_info = gravity_and_scale(rec, fr.names, params, fr.settings)
         seconds["gravity_scale"] = time.perf_counter() - t0
         registered = {im.name for im in rec.images.values() if im.has_pose}
         others = {n: f"in another model ({i + 1})" for i, m in enumerate(chosen.get("other_models", [])) for n in m}
@@ -618,21 +1014,27 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 "models": chosen["models"],
                 "attempt": chosen["name"],
                 "gate_passed": not chosen["rejected"],
+                "gate_reasons": chosen["rejected"],
+                "sequence": {**sequence, "used": ordered},
+                "focal_known": fr.focal_known,
+                "fov_deg": chosen["fov_deg"],
                 **{k: errors.get(k) for k in ("rotation_error_deg_median", "rotation_error_deg_max",
                                               "position_error_median", "position_error_max",
-                                              "position_error_pct_median", "ate_rmse", "ate_rmse_pct")},
+                                              "position_error_pct_median", "ate_rmse", "ate_rmse_pct",
+                                              "trajectory_length")},
                 "gravity_scale": scale_info,
+                "metric": scale_info["metric"],
                 "gt_metric": fr.metric,
-                # Estimated metres per ground-truth unit; 1.0 is a perfect scale on a metric scene.
+                # Estimated units per ground-truth unit; 1.0 is a perfect scale on a metric scene with metric: true.
                 "scale_vs_gt": (1.0 / errors["sim3_scale"]) if errors else None,
-                "device": "cuda" if _device(params.device) == pycolmap.Device.cuda else "cpu",
+                "device": "cuda" if _use_gpu(params) else "cpu",
                 "seconds": round(seconds["total"], 2),
                 "seconds_per_phase": {k: round(v, 2) for k, v in seconds.items()},
                 "attempts": attempts,
             }
             write_json(tmp / "metrics.json", metrics)
-    log.info("registered %d/%d images (%s), %.1f s", chosen["registered"], len(fr.names), chosen["name"],
-             seconds["total"])
+    log.info("registered %d/%d images (%s), gate %s, %.1f s", chosen["registered"], len(fr.names), chosen["name"],
+             "passed" if metrics["gate_passed"] else "FAILED: " + "; ".join(chosen["rejected"]), seconds["total"])
     return SfmResult(Path(out_dir), metrics, rec)
 
 

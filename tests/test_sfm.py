@@ -64,7 +64,9 @@ def test_gravity_and_metric_scale_from_camera_height(tiny_sfm):
     np.testing.assert_allclose(poses["cz"], TINY.camera_height_m, atol=0.05)
     assert poses["cx"].iloc[-1] - poses["cx"].iloc[0] == pytest.approx(8.0 * 15 / TINY.fps, rel=0.03)
     scale = tiny_sfm.metrics["gravity_scale"]
-    assert scale["scale_source"] == "camera_height" and scale["scale_confidence"] > 0.5
+    # a driving capture: the scale is applied, with a confidence well clear of the threshold
+    assert scale["scale_source"] == "camera_height" and scale["metric"] is True
+    assert scale["scale_confidence"] > 2 * sfm.SfmParams().min_scale_confidence
     assert tiny_sfm.metrics["scale_vs_gt"] == pytest.approx(1.0, abs=0.03)
     # the camera's image-down axis points to world -z after the gravity alignment
     q = poses[["qw", "qx", "qy", "qz"]].to_numpy()[0]
@@ -85,38 +87,174 @@ def test_outputs_are_a_colmap_model_and_a_point_cloud(tiny_sfm):
 
 
 def test_ladder_escalates_when_the_first_attempt_fails_the_gate(tiny_frames, tmp_path):
-    # A track-length bar no model of 16 frames can reach: every rung runs (more features and matches,
-    # another matcher, the incremental mapper), each is recorded with why it was rejected, the best is kept.
+    # A track-length bar no model of 16 frames can reach: every rung runs, each changing something (more
+    # features and wider matching, then exhaustive pairs, then the incremental mapper), each is recorded with
+    # why it was rejected, and the best is kept.
     params = dataclasses.replace(TINY_SFM, gate_min_track_length=50.0, max_num_features=1024)
     res = sfm.run(params, frames=tiny_frames, out_dir=tmp_path / "out")
     attempts = res.metrics["attempts"]
     assert [a["name"] for a in attempts] == ["base", "more_features", "other_matcher", "other_mapper"]
     assert [a["max_num_features"] for a in attempts] == [1024, 2048, 2048, 2048]
-    assert [a["matcher"] for a in attempts] == ["exhaustive", "exhaustive", "retrieval", "retrieval"]
+    assert [a["matcher"] for a in attempts] == ["sequential", "sequential", "exhaustive", "exhaustive"]
     assert attempts[-1]["mapper"] == "incremental"
     for a in attempts:
         assert any("track length" in r for r in a["rejected"]) and a["registered_ratio"] == 1.0
     assert res.metrics["gate_passed"] is False and res.metrics["registered_ratio"] == 1.0
+    assert any("track length" in r for r in res.metrics["gate_reasons"])
     # the incremental fallback on its own is accurate too
     assert res.metrics["rotation_error_deg_median"] < 0.2
 
 
-def test_health_gate_catches_a_wrong_focal_length():
-    numbers = {"registered_ratio": 1.0, "reprojection_error_px": 0.6, "track_length": 5.0, "fov_deg": [170.0],
-               "step_ratio": 9.0, "max_turn_deg": 2.0, "baseline_ratio": 0.5}
-    why = sfm.gate(numbers, 1, sfm.SfmParams())
-    assert any("field of view" in w for w in why) and any("jumps" in w for w in why)
-    assert sfm.gate({**numbers, "fov_deg": [70.0], "step_ratio": 1.1}, 1, sfm.SfmParams()) == []
+def test_same_input_and_seed_give_the_same_poses_and_verdict(tiny_frames, tiny_sfm, tmp_path):
+    again = sfm.run(TINY_SFM, frames=tiny_frames, out_dir=tmp_path / "again")
+    first = pd.read_csv(tiny_sfm.out_dir / "poses.csv")
+    second = pd.read_csv(again.out_dir / "poses.csv")
+    cols = ["qw", "qx", "qy", "qz", "tx", "ty", "tz"]
+    np.testing.assert_allclose(first[cols].to_numpy(), second[cols].to_numpy(), atol=1e-6)
+    assert again.metrics["gate_passed"] == tiny_sfm.metrics["gate_passed"]
 
 
-def test_ladder_order():
-    frames = sfm.Frames(Path("."), [f"{i}.png" for i in range(30)], {}, {}, True, {}, False)
-    rungs = sfm.ladder(frames, sfm.SfmParams())
-    assert [r.upsample for r in rungs] == [False, True, True, True]
-    assert [r.matcher for r in rungs] == ["sequential", "sequential", "exhaustive", "exhaustive"]
-    assert [r.mapper for r in rungs] == ["global", "global", "global", "incremental"]
-    images = sfm.Frames(Path("."), [f"{i}.png" for i in range(200)], {}, {}, False, {}, False)
-    assert sfm.ladder(images, sfm.SfmParams())[0].matcher == "retrieval"
+def test_image_folder_with_counting_names_is_matched_as_a_sequence(tiny_sfm):
+    m = tiny_sfm.metrics
+    assert m["sequence"] == {"from_ingest": True, "consecutive_overlap": 1.0, "used": True}
+    assert m["attempts"][0]["matcher"] == "sequential" and "step_ratio" in m["attempts"][0]
+
+
+GOOD = {"registered_ratio": 1.0, "reprojection_error_px": 0.6, "track_length": 5.0, "fov_deg": [70.0],
+        "step_ratio": 1.3, "step_ratio_at": "a -> b", "max_turn_deg": 2.0, "triangulation_angle_deg_median": 6.0,
+        "homography_pairs": 0.0, "rotation_residual": None, "models": 1}
+
+
+def test_health_gate_catches_wrong_models():
+    p = sfm.SfmParams()
+    assert sfm.gate(GOOD, p) == []
+    assert any("field of view" in w for w in sfm.gate({**GOOD, "fov_deg": [170.0]}, p))
+    assert any("jumps" in w for w in sfm.gate({**GOOD, "step_ratio": 12.0}, p))
+    assert any("turns" in w for w in sfm.gate({**GOOD, "max_turn_deg": 40.0}, p))
+    disagree = {"mapper": "incremental", "shared_images": 40, "focal_rel": 0.15, "rotation_deg_median": 2.0,
+                "position_median_of_path": 0.1}
+    why = sfm.gate({**GOOD, "cross_check": disagree}, p)
+    assert len(why) == 1 and "focal lengths 15.0% apart" in why[0] and "orientations" in why[0]
+    agree = {**disagree, "focal_rel": 0.004, "rotation_deg_median": 0.05, "position_median_of_path": 0.002}
+    assert sfm.gate({**GOOD, "cross_check": agree}, p) == []
+    # every pair of an orbit around an object is a homography, but not a rotation: no verdict
+    assert sfm.gate({**GOOD, "homography_pairs": 1.0, "rotation_residual": 0.2}, p) == []
+    assert any(w.startswith(sfm.NO_BASELINE) for w in
+               sfm.gate({**GOOD, "homography_pairs": 1.0, "rotation_residual": 0.01}, p))
+
+
+def test_a_stray_second_model_is_no_reason_to_reject():
+    # every image is in the main model; a two-image model beside it changes nothing
+    assert sfm.gate({**GOOD, "models": 2}, sfm.SfmParams()) == []
+    assert "(2 models)" in sfm.gate({**GOOD, "models": 2, "registered_ratio": 0.8}, sfm.SfmParams())[0]
+
+
+def test_fov_is_measured_on_the_long_side():
+    import pycolmap
+
+    # a portrait telephoto photo: 14 deg across its short side, 19 deg across its long side
+    cam = pycolmap.Camera.create_from_model_name(1, "SIMPLE_RADIAL", 1600.0, 400, 533)
+    assert sfm.fov_long_side_deg(cam) == pytest.approx(math.degrees(2 * math.atan(533 / 3200)), rel=1e-6)
+
+
+class _Im:
+    """Just enough of a pycolmap image for path_continuity."""
+
+    def __init__(self, name: str, cam_from_world: np.ndarray):
+        self.name, self._P = name, cam_from_world
+
+    def cam_from_world(self):
+        class _M:
+            def __init__(self, P):
+                self.P = P
+
+            def matrix(self):
+                return self.P
+        return _M(self._P)
+
+
+def _drive(xs: list[float], yaw_deg: list[float] | None = None) -> list[_Im]:
+    """Cameras looking along +x (COLMAP axes: x right, y down, z forward) at positions x along the road."""
+    yaw_deg = yaw_deg or [0.0] * len(xs)
+    out = []
+    for i, (x, yaw) in enumerate(zip(xs, yaw_deg)):
+        c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+        R_world_from_cam = np.array([[s, 0, c], [-c, 0, s], [0, -1, 0.0]])  # cam z -> heading, cam y -> down
+        R = R_world_from_cam.T
+        out.append(_Im(f"{i:03d}", np.concatenate([R, (-R @ np.array([x, 0, 1.6]))[:, None]], axis=1)))
+    return out
+
+
+def test_path_continuity_flags_pieces_at_different_scales_not_speed_changes():
+    # one model glued from three pieces: steps 1.0, then a 12x seam, then 0.39
+    pieces = np.cumsum([0] + [1.0] * 19 + [12.0] + [1.26] * 19 + [4.6] + [0.39] * 19).tolist()
+    assert sfm.path_continuity(_drive(pieces))["step_ratio"] > 4.0
+    # a car that brakes to a stop and drives off again, and a camera that speeds up smoothly: no jump
+    stop = np.cumsum([0] + [1.0] * 10 + [0.6, 0.3, 0.1, 0.02, 0.0, 0.0, 0.02, 0.1, 0.3, 0.6] + [1.0] * 10).tolist()
+    assert sfm.path_continuity(_drive(stop))["step_ratio"] < 4.0
+    accel = np.cumsum([0] + list(np.linspace(0.5, 2.0, 40))).tolist()
+    assert sfm.path_continuity(_drive(accel))["step_ratio"] < 1.5
+    # irregularly subsampled frames (0.7 to 1.9 m steps, as in KITTI subsets) are no jump either
+    rng = np.random.default_rng(0)
+    assert sfm.path_continuity(_drive(np.cumsum(rng.uniform(0.7, 1.9, 40)).tolist()))["step_ratio"] < 4.0
+    turn = sfm.path_continuity(_drive(list(range(10)), [0, 0, 0, 10, 20, 30, 40, 80, 90, 90]))
+    assert turn["max_turn_deg"] == pytest.approx(40.0)
+
+
+def test_next_rung_fits_the_failure():
+    video = sfm.Frames(Path("."), [f"{i}.png" for i in range(30)], {}, {}, True, {}, False, sequence=True)
+    p = sfm.SfmParams()
+    base = sfm.Attempt("base", 2048, False, "sequential", 5, 12, "global")
+    # a geometric failure tries the other mapper on the same matches first
+    rung = sfm.next_rung(video, p, True, [base], ["camera path jumps: ..."], set())
+    assert rung.name == "other_mapper" and rung.matches_key == base.matches_key and rung.mapper == "incremental"
+    # too few registered images: more features and wider matching first
+    rung = sfm.next_rung(video, p, True, [base], ["registered 50% < 95%"], set())
+    assert (rung.name, rung.max_num_features, rung.upsample, rung.overlap) == ("more_features", 4096, True, 10)
+    # an exhaustively matched image set has no "other matcher" rung: retrieval would only try fewer pairs
+    images = sfm.Frames(Path("."), [f"{i}.png" for i in range(30)], {}, {}, False, {}, False)
+    ex = dataclasses.replace(base, matcher="exhaustive")
+    more = sfm.next_rung(images, p, False, [ex], ["registered 50% < 95%"], set())
+    last = sfm.next_rung(images, p, False, [ex, more], ["registered 50% < 95%"], set())
+    assert last.name == "other_mapper" and sfm.next_rung(images, p, False, [ex, more, last], ["x"], set()) is None
+    # a model the cross-check already computed is not tried again as a rung
+    assert sfm.next_rung(video, p, True, [base], ["cross-check: ..."], {(base.matches_key, "incremental")}).name \
+        == "more_features"
+    many = sfm.Frames(Path("."), [f"{i}.png" for i in range(200)], {}, {}, False, {}, False)
+    assert sfm.first_matcher(many, p, False) == "retrieval" and sfm.first_matcher(video, p, True) == "sequential"
+
+
+def test_scale_confidence_separates_driving_from_an_orbit():
+    normal, offset = np.array([0, 0, 1.0]), 0.0
+    drive = [im.cam_from_world().matrix() for im in _drive(np.linspace(0, 30, 31).tolist())]
+    ev = sfm.scale_evidence(drive, normal, offset, 0.4)
+    conf = ev["support"] * ev["height"] * ev["level"] * ev["forward"]
+    assert conf > 0.8
+    # a hand-held orbit at 0.5 m around an object on a table, looking down at it by 35 deg
+    orbit = []
+    for a in np.radians(np.linspace(0, 120, 31)):
+        c = np.array([0.5 * math.cos(a), 0.5 * math.sin(a), 0.35])
+        z = -c / np.linalg.norm(c)  # looks at the object at the origin
+        x = np.cross(z, [0, 0, 1.0]); x /= np.linalg.norm(x)
+        y = np.cross(z, x)
+        R = np.stack([x, y, z])
+        orbit.append(np.concatenate([R, (-R @ c)[:, None]], axis=1))
+    ev = sfm.scale_evidence(orbit, normal, offset, 0.6)
+    assert ev["support"] * ev["height"] * ev["level"] * ev["forward"] < 0.1 < sfm.SfmParams().min_scale_confidence
+
+
+def test_scene_yaml_can_forbid_the_scale(tiny_sfm):
+    import pycolmap
+
+    from stages.common.scene import SceneSettings
+
+    rec = pycolmap.Reconstruction(str(tiny_sfm.out_dir / "model"))
+    names = sorted(im.name for im in rec.images.values())
+    info = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(metric_scale="none"))
+    assert info["metric"] is False and info["scale"] == 1.0 and "metric_scale: none" in info["scale_source"]
+    info = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(camera_height_m=3.2))
+    assert info["metric"] and info["camera_height_from"] == "scene.yaml"
+    assert info["scale"] == pytest.approx(2.0, rel=0.02)  # the model was at 1.6 m; now the camera rides at 3.2 m
 
 
 def test_unknown_pycolmap_option_is_named():
@@ -129,10 +267,14 @@ def test_unknown_pycolmap_option_is_named():
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def _scene_from_images(root: Path, images: list[np.ndarray]) -> Path:
+def _scene_from_images(root: Path, images: list[np.ndarray], K: tuple | None = None) -> Path:
     (root / "raw/images").mkdir(parents=True)
     for i, img in enumerate(images):
         Image.fromarray(img).save(root / f"raw/images/{i:03d}.png")
+    if K is not None:  # known intrinsics, no poses
+        h, w = images[0].shape[:2]
+        (root / "raw/transforms.json").write_text(json.dumps(
+            {"fl_x": K[0], "fl_y": K[1], "cx": K[2], "cy": K[3], "w": w, "h": h, "frames": []}))
     ingest_run(IngestParams(query_every=0, min_frames=1), scene_dir=root / "raw", out_dir=root / "frames")
     return root / "frames"
 
@@ -156,15 +298,36 @@ def test_no_overlap_is_one_clear_error(tmp_path):
     _assert_fails_cleanly(frames, tmp_path / "out", r"no model from 5 images .* do not overlap", max_attempts=2)
 
 
-def test_pure_rotation_is_one_clear_error(tmp_path):
+def _rotating_views() -> tuple[list[np.ndarray], tuple]:
     street = build_street(TINY)
     renderer = Renderer(street, TINY.seed, "cpu")
     K = intrinsics(TINY)
-    views = [renderer.render(_pose(20.0, -1.75, 1.6, math.radians(yaw), 0.05), 320, 180, K, 1)[0]
-             for yaw in np.linspace(-25, 25, 8)]
-    frames = _scene_from_images(tmp_path, views)
+    return [renderer.render(_pose(20.0, -1.75, 1.6, math.radians(yaw), 0.05), 320, 180, K, 1)[0]
+            for yaw in np.linspace(-25, 25, 8)], K
+
+
+def test_pure_rotation_is_one_clear_error(tmp_path):
+    views, K = _rotating_views()
+    frames = _scene_from_images(tmp_path, views, K)
     _assert_fails_cleanly(frames, tmp_path / "out", r"no baseline \(pure rotation\).*sfm.gate_max_rotation_only",
                           max_attempts=2)
+
+
+def test_pure_rotation_with_unknown_focal_fails_the_gate(tmp_path):
+    # Without intrinsics COLMAP cannot tell rotation from a planar scene, so the mapper builds some model:
+    # its camera path and the other mapper's model give it away; the best attempt is kept, flagged.
+    views, _ = _rotating_views()
+    res = sfm.run(sfm.SfmParams(max_attempts=2), frames=_scene_from_images(tmp_path, views), out_dir=tmp_path / "out")
+    assert res.metrics["gate_passed"] is False
+    assert any(r.startswith(("camera path", "cross-check")) for r in res.metrics["gate_reasons"])
+    assert (tmp_path / "out/poses.csv").exists()
+
+
+def test_images_without_features_fail_cleanly(tmp_path):
+    # smooth gradients pass ingest (not blank) but hold no SIFT features: no rung may crash on them
+    ramp = np.tile(np.linspace(40, 200, 160, dtype=np.uint8), (90, 1))
+    frames = _scene_from_images(tmp_path, [np.roll(ramp, 3 * i, axis=1) for i in range(6)])
+    _assert_fails_cleanly(frames, tmp_path / "out", r"no model from 6 images", matcher="retrieval")
 
 
 def test_main_prints_one_line_for_missing_ingest(tmp_path, capsys):
