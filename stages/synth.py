@@ -76,7 +76,8 @@ GROUND_TEXEL_M, FACADE_TEXEL_M, POLE_TEXEL_M = 0.02, 0.03, 0.01
 POLE_STRIP_M = 1.0  # width of each pole's own strip in the pole texture (>= the largest circumference)
 POLE_MAX_H_M = 8.0
 
-SKY, GROUND, FACADE_RIGHT, FACADE_LEFT, POLE = 0, 1, 2, 3, 4
+SKY, GROUND, FACADE_RIGHT, FACADE_LEFT, POLE, WALL = 0, 1, 2, 3, 4, 5  # WALL: a layout block's facade
+WALL_PIECES = 64  # a WALL hit's object index is block * WALL_PIECES + piece of the block's facade
 HORIZON_RGB = (0.80, 0.85, 0.90)
 ZENITH_RGB = (0.33, 0.52, 0.82)
 SUN_3 = np.array([-0.35, 0.45, 0.82]) / np.linalg.norm([-0.35, 0.45, 0.82])
@@ -145,6 +146,16 @@ class SynthParams:
     """points.ply covers x from the first mapping camera to this far past the last one"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """torch device for rendering (auto: cuda when available)"""
+    road: Literal["straight", "curve", "junction"] = "straight"
+    """road layout: a straight street, a street with one bend, or a right turn at a crossroads"""
+    curve_radius_m: float = 40.0
+    """road: curve: radius of the bend at the road's centre line"""
+    curve_angle_deg: float = 60.0
+    """road: curve: how far the road bends (positive: left, negative: right), centred on the mapped stretch"""
+    turn_angle_deg: float = 90.0
+    """road: junction: heading change of the right turn into the cross street (90: a square crossroads)"""
+    turn_radius_m: float = 12.0
+    """road: junction: radius of the turn at the road's centre line (the right lane turns on 12 - 1.75 m)"""
 
     def __post_init__(self) -> None:
         road = ROAD_HALF_WIDTH_M - abs(self.lateral_amplitude_m)
@@ -175,6 +186,12 @@ class SynthParams:
             (0 <= self.video_crf <= 51, "video_crf", "must lie in [0, 51]"),
             (self.n_points >= 0, "n_points", "must be 0 or more"),
             (self.points_ahead_m >= 0, "points_ahead_m", "must be 0 or more"),
+            (20.0 <= self.curve_radius_m <= 1000.0, "curve_radius_m", "must lie in [20, 1000] (the inner "
+             "facades stand up to 10 m from the centre line)"),
+            (-180.0 <= self.curve_angle_deg <= 180.0, "curve_angle_deg", "must lie in [-180, 180]"),
+            (45.0 <= self.turn_angle_deg <= 135.0, "turn_angle_deg", "must lie in [45, 135]"),
+            (11.0 <= self.turn_radius_m <= 40.0, "turn_radius_m", "must lie in [11, 40] (the corner buildings "
+             "are rounded concentrically, so it must exceed the facades' 8-10 m offset)"),
         ]
         require(self, checks)
 
@@ -214,16 +231,23 @@ class BuildingRow:
 
 @dataclasses.dataclass(frozen=True)
 class Street:
-    """The layout of the street: extent, buildings, poles and the centre line's dash phase."""
+    """The street: extent, buildings, poles and the centre line's dash phase.
+
+    The straight street (layout None) runs along x in [x_min, x_max] with rows (right, left) of facades at
+    y = facade_y. A layout with turns (road: curve or junction) holds its own geometry; there x_min, x_max is
+    the arc length range of the centre line the cameras follow and rows are its blocks' building rows.
+    """
 
     x_min: float
     x_max: float
-    rows: tuple[BuildingRow, BuildingRow]  # right (y < 0), left (y > 0)
+    rows: tuple[BuildingRow, ...]  # straight: right (y < 0), left (y > 0); layout: one per block
     poles_P4: np.ndarray  # x, y, radius, height
     pole_rgb_P3: np.ndarray
     bands_PK2: np.ndarray  # z0, z1 of up to K coloured bands per pole (z0 = z1 = -1: none)
     band_rgb_PK3: np.ndarray
     dash_origin: float  # dashes start at dash_origin + k * (DASH_M + GAP_M)
+    layout: Layout | None = None
+    pole_seam: np.ndarray | None = None  # per pole, the angle its texture's seam faces (None: +x)
 
     def dashes(self) -> list[tuple[float, float]]:
         """[x0, x1] of each painted centre-line dash inside the street."""
@@ -265,9 +289,455 @@ def _building_row(rng: np.random.Generator, side: int, x_min: float, x_max: floa
     )
 
 
+# ---- Road layouts with turns: centre lines of segments and arcs, blocks of kerb, sidewalk and buildings ----
+
+def _wrap(a):
+    """Angle(s) wrapped into [-pi, pi) (numpy or torch)."""
+    if isinstance(a, torch.Tensor):
+        return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
+    return np.remainder(np.asarray(a) + math.pi, 2 * math.pi) - math.pi
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCurve:
+    """A 2D curve of straight segments and circular arcs joined with equal headings, by arc length s.
+
+    Piece i starts at arc length s0[i] at (x0[i], y0[i]), heading h0[i] (radians from +x, left positive), and
+    runs length[i] metres with curvature k[i] (1 / signed radius: > 0 bends left, 0 straight). Offsets d are
+    measured to the left. The first and last pieces are segments, which extend the curve beyond its ends.
+    """
+
+    x0: np.ndarray
+    y0: np.ndarray
+    h0: np.ndarray
+    length: np.ndarray
+    k: np.ndarray
+    s0: np.ndarray
+
+    @staticmethod
+    def chain(x: float, y: float, heading: float, s_start: float, pieces: list[tuple[float, float]]) -> PlanCurve:
+        """The path from (x, y) heading `heading`, s from `s_start`, of (length, curvature) pieces in order."""
+        rows = []
+        for length, k in pieces:
+            if length <= 0:
+                continue
+            rows.append((x, y, heading, length, k, s_start))
+            x, y = _advance(x, y, heading, length, k)
+            heading, s_start = heading + k * length, s_start + length
+        return PlanCurve(*np.array(rows, float).T)
+
+    @property
+    def s_start(self) -> float:
+        return float(self.s0[0])
+
+    @property
+    def s_end(self) -> float:
+        return float(self.s0[-1] + self.length[-1])
+
+    def index(self, s) -> np.ndarray:
+        """Index of the piece holding arc length s (the end pieces also hold what lies beyond)."""
+        return np.clip(np.searchsorted(self.s0, s, side="right") - 1, 0, len(self.s0) - 1)
+
+    def point(self, s, d=0.0) -> np.ndarray:
+        """(..., 2) points at arc length s, offset d to the left."""
+        s = np.asarray(s, float)
+        i = self.index(s)
+        ds, h0, k = s - self.s0[i], self.h0[i], self.k[i]
+        phi = h0 + k * ds
+        arc = k != 0
+        kk = np.where(arc, k, 1.0)
+        ax = np.where(arc, (np.sin(phi) - np.sin(h0)) / kk, ds * np.cos(h0))
+        ay = np.where(arc, (np.cos(h0) - np.cos(phi)) / kk, ds * np.sin(h0))
+        return np.stack([self.x0[i] + ax - d * np.sin(phi), self.y0[i] + ay + d * np.cos(phi)], -1)
+
+    def heading(self, s) -> np.ndarray:
+        """Direction of travel (radians) at arc length s."""
+        s = np.asarray(s, float)
+        i = self.index(s)
+        return self.h0[i] + self.k[i] * (s - self.s0[i])
+
+    def end_point(self, d: float = 0.0) -> np.ndarray:
+        """The point at the end of the path, offset d."""
+        return self.point(self.s_end, d)
+
+    def offset(self, d: float) -> PlanCurve:
+        """The parallel curve d to the left (arcs stay concentric); arc length starts at the same s."""
+        scale = 1.0 - self.k * d
+        if np.any(scale <= 0):
+            raise ValueError(f"offset {d} m reaches past an arc's centre")
+        length = self.length * scale
+        s0 = self.s0[0] + np.concatenate([[0.0], np.cumsum(length)[:-1]])
+        return PlanCurve(self.x0 - d * np.sin(self.h0), self.y0 + d * np.cos(self.h0), self.h0.copy(), length,
+                    self.k / scale, s0)
+
+    def reversed(self) -> PlanCurve:
+        """The same curve run backwards, arc length from 0 (left and right swap)."""
+        ends = np.array([_advance(*a) for a in zip(self.x0, self.y0, self.h0, self.length, self.k)])[::-1]
+        length = self.length[::-1].copy()
+        return PlanCurve(ends[:, 0].copy(), ends[:, 1].copy(), (self.h0 + self.k * self.length + math.pi)[::-1].copy(),
+                    length, -self.k[::-1], np.concatenate([[0.0], np.cumsum(length)[:-1]]))
+
+    def s_on(self, lane: PlanCurve, s_lane: float) -> float:
+        """Arc length on this path level with arc length s_lane on its offset curve `lane`."""
+        i = int(lane.index(s_lane))
+        return float(self.s0[i] + (s_lane - lane.s0[i]) * self.length[i] / lane.length[i])
+
+    def s_of(self, lane: PlanCurve, s: float) -> float:
+        """Arc length on the offset curve `lane` level with arc length s on this path."""
+        i = int(self.index(s))
+        return float(lane.s0[i] + (s - self.s0[i]) * lane.length[i] / self.length[i])
+
+    def polyline(self, s_a: float, s_b: float, d: float = 0.0, max_err_m: float = 1e-3,
+                 max_step_m: float = 0.5) -> np.ndarray:
+        """(N, 2) vertices from s_a to s_b at offset d: segments' ends and arcs sampled within max_err_m."""
+        s = [s_a]
+        for i in range(len(self.s0)):
+            lo, hi = max(s_a, self.s0[i]), min(s_b, self.s0[i] + self.length[i])
+            if i == 0:
+                lo = s_a
+            if i == len(self.s0) - 1:
+                hi = s_b
+            if hi <= lo:
+                continue
+            n = 1
+            if self.k[i] != 0:
+                radius = abs(1.0 / self.k[i] - d)
+                step = min(max_step_m, math.sqrt(8.0 * radius * max_err_m))
+                n = max(1, math.ceil((hi - lo) / step))
+            s.extend(np.linspace(lo, hi, n + 1)[1:])
+        return self.point(np.array(s), d)
+
+    def project(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Road coordinates of points (x, y) from the piece that holds them (nearest when several do).
+
+        Returns s (arc length), d (offset to the left), heading (of the curve at s), k (curvature of the
+        piece) and piece (its index).
+        """
+        n = len(self.s0)
+        best = None
+        for i in range(n):
+            x0, y0, h0, L, k, s0 = (float(a[i]) for a in (self.x0, self.y0, self.h0, self.length, self.k, self.s0))
+            if k == 0:
+                c, sn = math.cos(h0), math.sin(h0)
+                ex, ey = x - x0, y - y0
+                along = ex * c + ey * sn
+                d = ey * c - ex * sn
+                inside = torch.ones_like(d, dtype=torch.bool)
+                if i > 0:
+                    inside &= along >= 0
+                if i < n - 1:
+                    inside &= along <= L
+                s = along + s0
+                heading = torch.full_like(d, h0)
+            else:
+                rho = 1.0 / k
+                sg = 1.0 if k > 0 else -1.0
+                vx, vy = x - (x0 - rho * math.sin(h0)), y - (y0 + rho * math.cos(h0))
+                d = sg * (abs(rho) - torch.sqrt(vx * vx + vy * vy))
+                mid = h0 + k * L / 2
+                delta = _wrap(torch.atan2(sg * vx, -sg * vy) - mid)
+                inside = delta.abs() <= abs(k) * L / 2 + 1e-6
+                s = delta / k + (s0 + L / 2)
+                heading = delta + mid
+            score = d.abs() + torch.where(inside, 0.0, 1e9)
+            cur = {"s": s, "d": d, "heading": heading, "k": torch.full_like(d, k),
+                   "piece": torch.full_like(d, i, dtype=torch.int64)}
+            if best is None:
+                best, best_score = cur, score
+            else:
+                take = score < best_score
+                best = {key: torch.where(take, cur[key], best[key]) for key in best}
+                best_score = torch.minimum(score, best_score)
+        return best
+
+
+def _advance(x: float, y: float, heading: float, length: float, k: float) -> tuple[float, float]:
+    """End point of a piece of `length` with curvature k from (x, y) heading `heading`."""
+    if k == 0:
+        return x + length * math.cos(heading), y + length * math.sin(heading)
+    phi = heading + k * length
+    return x + (math.sin(phi) - math.sin(heading)) / k, y + (math.cos(heading) - math.cos(phi)) / k
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """The roadside between two road edges that meet: kerb line, sidewalk, poles and a row of buildings.
+
+    `kerb` runs along the road's edge with the road on its left; the kerb stone, the sidewalk, the poles and
+    the facade lie to its right. The facade is the kerb line moved `facade_m` - ROAD_HALF_WIDTH_M to the right
+    (arcs stay concentric); the buildings stand along the facade's own arc length.
+    """
+
+    kerb: PlanCurve
+    facade: PlanCurve
+    facade_m: float  # distance of the facade from the street's centre line
+    row: BuildingRow
+
+
+@dataclasses.dataclass(frozen=True)
+class Junction:
+    """A crossroads: arms leave the centre (cx, cy); between arms a and a+1 (counter-clockwise) the kerb turns
+    on a circular corner centred at corner_xy[a], concentric with the turn, tangent to both arms' edges at
+    corner_t[a] from the centre. Arm a belongs to street arm_street[a], whose arc length there is
+    arm_s_centre[a] + arm_sign[a] * (distance from the centre).
+    """
+
+    cx: float
+    cy: float
+    arm_angle: np.ndarray  # (A,) ascending in [0, 2 pi)
+    arm_length: np.ndarray
+    arm_street: np.ndarray
+    arm_sign: np.ndarray
+    arm_s_centre: np.ndarray
+    corner_xy: np.ndarray  # (A, 2)
+    corner_t: np.ndarray  # (A,)
+    turn_radius: float  # radius of the corners at the centre lines; the kerb's is this - ROAD_HALF_WIDTH_M
+
+    def arm_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Index of the arm whose sector (between the bisectors to its neighbours) holds each point."""
+        ang = torch.as_tensor(self.arm_angle, dtype=x.dtype, device=x.device)
+        nxt = torch.roll(ang, -1)
+        gap = torch.remainder(nxt - ang, 2 * math.pi)
+        bis = ang + gap / 2  # bisector after each arm
+        start = float(bis[-1]) - 2 * math.pi  # sector of arm 0 starts at the last bisector
+        rel = torch.remainder(torch.atan2(y - self.cy, x - self.cx) - start, 2 * math.pi)
+        return torch.bucketize(rel, bis[:-1] - start, right=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A road layout with turns: the centre line the cameras follow, the streets and their roadside blocks.
+
+    Centre dashes run along each street's centre line from dash_origin[i] in steps of DASH_M + GAP_M,
+    except across dash_clear[i] (an interval of arc length: the junction).
+    """
+
+    kind: str
+    drive: PlanCurve
+    streets: tuple[PlanCurve, ...]
+    dash_origin: tuple[float, ...]
+    dash_clear: tuple[tuple[float, float] | None, ...]
+    blocks: tuple[Block, ...]
+    junction: Junction | None
+    tex_half_m: tuple[float, ...]  # half-width of each street's ground texture (junction: main, cross)
+
+    def dashes(self) -> list[tuple[int, float, float]]:
+        """(street, s0, s1) of each painted centre-line dash."""
+        out = []
+        period = DASH_M + GAP_M
+        for i, street in enumerate(self.streets):
+            lo, hi = street.s_start, street.s_end
+            k0 = math.floor((lo - self.dash_origin[i]) / period)
+            for k in range(k0, k0 + int((hi - lo) / period) + 2):
+                a = self.dash_origin[i] + k * period
+                for x0, x1 in _minus((max(a, lo), min(a + DASH_M, hi)), self.dash_clear[i]):
+                    out.append((i, x0, x1))
+        return out
+
+    def ground_valid(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Whether the ground at (x, y) belongs to the scene (the streets end where their facades do)."""
+        if self.junction is None:
+            s = self.streets[0].project(x, y)["s"]
+            return (s >= self.streets[0].s_start) & (s <= self.streets[0].s_end)
+        j = self.junction
+        arm = j.arm_of(x, y)
+        ang = torch.as_tensor(j.arm_angle, dtype=x.dtype, device=x.device)[arm]
+        along = (x - j.cx) * torch.cos(ang) + (y - j.cy) * torch.sin(ang)
+        return along <= torch.as_tensor(j.arm_length, dtype=x.dtype, device=x.device)[arm]
+
+    def ground_frame(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Road coordinates of ground points for shading.
+
+        along, across: coordinates of the kerb, sidewalk and marking patterns (across: signed distance
+        from the street's centre line; round a junction's corner, the distance from the turn's centre line
+        arc, so that kerb and edge line follow the corner); along_dir: angle of the direction `along` grows
+        in, along_scale: metres of `along` per metre there; across_dir likewise; dash_s, dash_w: position in
+        the centre-dash pattern and its weight (0 where there are no dashes); block: the roadside there;
+        valid: ground that belongs to the scene.
+        """
+        if self.junction is None:
+            street = self.streets[0]
+            p = street.project(x, y)
+            along_dir = p["heading"]
+            return {"along": p["s"], "across": p["d"], "along_dir": along_dir,
+                    "along_scale": 1.0 / (1.0 - p["k"] * p["d"]),
+                    "across_dir": along_dir + math.pi / 2, "dash_s": p["s"] - self.dash_origin[0],
+                    "dash_w": None, "block": (p["d"] > 0).to(torch.int64),
+                    "valid": (p["s"] >= street.s_start) & (p["s"] <= street.s_end)}
+        j = self.junction
+        dev, dt = x.device, x.dtype
+
+        def t(a):
+            return torch.as_tensor(np.asarray(a), dtype=dt, device=dev)
+
+        n_arms = len(j.arm_angle)
+        arm = j.arm_of(x, y)
+        ang = t(j.arm_angle)[arm]
+        ca, sa = torch.cos(ang), torch.sin(ang)
+        ex, ey = x - j.cx, y - j.cy
+        s = ex * ca + ey * sa
+        d = ey * ca - ex * sa
+        block = torch.where(d >= 0, arm, torch.remainder(arm - 1, n_arms))
+        cx, cy = t(j.corner_xy[:, 0])[block], t(j.corner_xy[:, 1])[block]
+        corner = s < t(j.corner_t)[block]
+        vx, vy = x - cx, y - cy
+        rp = torch.sqrt(vx * vx + vy * vy).clamp(min=1e-6)
+        sign = t(j.arm_sign)[arm]
+        street = t(j.arm_street).to(torch.int64)[arm]
+        along_street = t(j.arm_s_centre)[arm] + sign * s
+        across_street = sign * d
+        # Round the corner: `along` is the arc length on the kerb circle, `across` the distance from the turn's
+        # centre line arc toward the kerb, so the kerb stone, the edge line and the paving rows turn with the
+        # corner; on the junction's side of that arc the road is open (0: no kerb, no line).
+        kerb_r = j.turn_radius - ROAD_HALF_WIDTH_M
+        radial = torch.atan2(vy, vx)
+        along_corner = kerb_r * _wrap(radial - torch.atan2(j.cy - cy, j.cx - cx))
+        across_corner = torch.where(across_street >= 0, 1.0, -1.0) * (j.turn_radius - rp).clamp(min=0.0)
+        origin = t(self.dash_origin)[street]
+        lo, hi = t([c[0] for c in self.dash_clear])[street], t([c[1] for c in self.dash_clear])[street]
+        return {
+            "along": torch.where(corner, along_corner, along_street),
+            "across": torch.where(corner, across_corner, across_street),
+            "along_dir": torch.where(corner, radial + math.pi / 2, ang),
+            "along_scale": torch.where(corner, kerb_r / rp, torch.ones_like(rp)),
+            "across_dir": torch.where(corner, radial, ang + math.pi / 2),
+            "dash_s": along_street - origin, "dash_lo": lo, "dash_hi": hi, "dash_street_s": along_street,
+            "dash_w": (~corner).to(dt), "block": block,
+            "valid": s <= t(j.arm_length)[arm],
+        }
+
+
+def _minus(iv: tuple[float, float], cut: tuple[float, float] | None) -> list[tuple[float, float]]:
+    """The interval iv without the open interval cut (empty intervals dropped)."""
+    a, b = iv
+    if cut is None:
+        return [iv] if b > a else []
+    parts = [(a, min(b, cut[0])), (max(a, cut[1]), b)]
+    return [(x0, x1) for x0, x1 in parts if x1 > x0]
+
+
+KERB_M = KERB_OUTER_M - ROAD_HALF_WIDTH_M  # width of the kerb stone
+EDGE_INSET_M = ROAD_HALF_WIDTH_M - EDGE_LINE_Y_M  # edge line centre inside the road edge
+
+
+def _drive_path(params: SynthParams, k: float, arc_m: float) -> tuple[PlanCurve, float, float]:
+    """Centre line the cameras follow: straight from the first camera, one arc of curvature k (arc_m long at
+    the centre line) centred on the mapped stretch of the mapping lane, straight on to AHEAD_M past the last
+    camera. Returns the path, where the arc starts and the arc length of the last camera's centre line point.
+    """
+    stretch = _stretch_m(params)
+    lane_arc = arc_m * (1.0 - k * params.lane_y_m)
+    s_arc = max(0.0, (stretch - lane_arc) / 2)
+    long = PlanCurve.chain(-BEHIND_M, 0.0, 0.0, -BEHIND_M, [(BEHIND_M + s_arc, 0.0), (arc_m, k), (stretch + 1.0, 0.0)])
+    s_last = long.s_on(long.offset(params.lane_y_m), stretch)
+    tail = max(0.0, s_last - s_arc - arc_m) + AHEAD_M
+    drive = PlanCurve.chain(-BEHIND_M, 0.0, 0.0, -BEHIND_M, [(BEHIND_M + s_arc, 0.0), (arc_m, k), (tail, 0.0)])
+    return drive, s_arc, s_last
+
+
+def _block(rng: np.random.Generator, kerb: PlanCurve) -> Block:
+    """The roadside along `kerb`: a random building row (its offset 8-10 m from the centre line)."""
+    lengths = [kerb.offset(-(f - ROAD_HALF_WIDTH_M)).length.sum() for f in (8.0, 10.0)]
+    row = _building_row(rng, 1, kerb.s_start, kerb.s_start + max(lengths))
+    facade_m = float(row.facade_y)
+    return Block(kerb=kerb, facade=kerb.offset(-(facade_m - ROAD_HALF_WIDTH_M)), facade_m=facade_m, row=row)
+
+
+def build_layout(params: SynthParams, rng: np.random.Generator) -> Layout:
+    """The layout of road `params.road` (curve or junction): centre lines, corners and roadside blocks."""
+    if params.road == "curve":
+        ang = math.radians(params.curve_angle_deg)
+        k = math.copysign(1.0 / params.curve_radius_m, ang) if ang else 0.0
+        drive, _, _ = _drive_path(params, k, abs(ang) * params.curve_radius_m)
+        blocks = (_block(rng, drive.offset(-ROAD_HALF_WIDTH_M)),  # right side, then left (run backwards)
+                  _block(rng, drive.offset(ROAD_HALF_WIDTH_M).reversed()))
+        half = max(b.facade_m for b in blocks) + 0.5
+        origin = float(_mm(drive.s_start + rng.uniform(0.0, DASH_M + GAP_M)))
+        return Layout(kind="curve", drive=drive, streets=(drive,), dash_origin=(origin,), dash_clear=(None,),
+                      blocks=blocks, junction=None, tex_half_m=(half,))
+
+    theta, radius = math.radians(params.turn_angle_deg), params.turn_radius_m
+    drive, s_arc, s_last = _drive_path(params, -1.0 / radius, radius * theta)
+    tan_turn = radius * math.tan(theta / 2)  # from the junction's centre to where the turn meets each arm
+    cx = s_arc + tan_turn
+    # Arms counter-clockwise from straight on: straight on, left, back (where the cameras come from), right.
+    angle = np.array([0.0, math.pi - theta, math.pi, 2 * math.pi - theta])
+    gap = np.roll(angle, -1) - angle
+    gap[-1] += 2 * math.pi
+    corner_t = radius / np.tan(gap / 2)
+    reach = np.maximum(corner_t, np.roll(corner_t, 1))  # each arm's farther corner tangent point
+    length = np.array([AHEAD_M, AHEAD_M, cx + BEHIND_M, drive.s_end - (s_arc + radius * theta) + tan_turn])
+    length = np.maximum(length, reach + 10.0)
+    bis = angle + gap / 2
+    corner_xy = np.stack([cx + radius / np.sin(gap / 2) * np.cos(bis), radius / np.sin(gap / 2) * np.sin(bis)], 1)
+    kerb_r = radius - ROAD_HALF_WIDTH_M
+    blocks = []
+    for a in range(4):
+        b = (a + 1) % 4
+        ua, na = np.array([math.cos(angle[a]), math.sin(angle[a])]), np.array([-math.sin(angle[a]), math.cos(angle[a])])
+        start = np.array([cx, 0.0]) + length[a] * ua + ROAD_HALF_WIDTH_M * na
+        kerb = PlanCurve.chain(float(start[0]), float(start[1]), float(angle[a] + math.pi), 0.0, [
+            (float(length[a] - corner_t[a]), 0.0), (float(kerb_r * (math.pi - gap[a])), -1.0 / kerb_r),
+            (float(length[b] - corner_t[a]), 0.0)])
+        blocks.append(_block(rng, kerb))
+    u_back = np.array([math.cos(angle[1]), math.sin(angle[1])])
+    main_start = float(cx - length[2])
+    main = PlanCurve.chain(main_start, 0.0, 0.0, main_start, [(float(length[2] + length[0]), 0.0)])
+    cross_start = np.array([cx, 0.0]) + length[1] * u_back
+    cross = PlanCurve.chain(float(cross_start[0]), float(cross_start[1]), -theta, float(-length[1]),
+                       [(float(length[1] + length[3]), 0.0)])
+    junction = Junction(cx=float(cx), cy=0.0, arm_angle=angle, arm_length=length, arm_street=np.array([0, 1, 0, 1]),
+                        arm_sign=np.array([1.0, -1.0, -1.0, 1.0]), arm_s_centre=np.array([cx, 0.0, cx, 0.0]),
+                        corner_xy=corner_xy, corner_t=corner_t, turn_radius=radius)
+    facade_max = max(b.facade_m for b in blocks)
+    # Round a corner the sidewalk reaches past the facades' offset: the cross street's texture covers it.
+    corner_excess = max((radius - b.facade_m) * (1.0 - math.sin(g / 2)) for b, g in zip(blocks, gap))
+    origins = tuple(float(_mm(s.s_start + rng.uniform(0.0, DASH_M + GAP_M))) for s in (main, cross))
+    return Layout(kind="junction", drive=drive, streets=(main, cross), dash_origin=origins,
+                  dash_clear=((cx - reach[2], cx + reach[0]), (-reach[1], reach[3])), blocks=tuple(blocks),
+                  junction=junction, tex_half_m=(facade_max + 0.5, facade_max + corner_excess + 0.5))
+
+
+def _layout_poles(rng: np.random.Generator, layout: Layout, spacing: float):
+    """Poles along every block's sidewalk by arc length: (x, y, radius, height), colours, bands, seam angles."""
+    poles, pole_rgb, bands, band_rgb, seam = [], [], [], [], []
+    jitter = spacing / 4
+    for blk in layout.blocks:
+        u = blk.kerb.s_start + rng.uniform(0.0, spacing)
+        while u < blk.kerb.s_end - 1.0:
+            xy = blk.kerb.point(u, -(KERB_M + rng.uniform(0.3, 0.7)))
+            poles.append([xy[0], xy[1], rng.uniform(0.08, 0.15), rng.uniform(4.0, POLE_MAX_H_M)])
+            _pole_style(rng, pole_rgb, bands, band_rgb)
+            seam.append(float(blk.kerb.heading(u)) - math.pi / 2)  # the texture's seam faces the buildings
+            u += spacing + rng.uniform(-jitter, jitter)
+    return poles, pole_rgb, bands, band_rgb, np.array(seam)
+
+
+def _pole_style(rng: np.random.Generator, pole_rgb: list, bands: list, band_rgb: list) -> None:
+    """Draw one pole's colour and up to three coloured bands (z0, z1; -1: none) onto the lists."""
+    pole_rgb.append(np.array(POLE_RGB[rng.integers(len(POLE_RGB))]) * rng.uniform(0.9, 1.1))
+    zb = np.full((3, 2), -1.0)
+    rgb = np.zeros((3, 3))
+    for k in range(rng.integers(0, 4)):
+        z0 = rng.uniform(0.6, 3.5)
+        zb[k] = (z0, z0 + rng.uniform(0.08, 0.4))
+        rgb[k] = BAND_RGB[rng.integers(len(BAND_RGB))]
+    bands.append(zb)
+    band_rgb.append(rgb)
+
+
 def build_street(params: SynthParams) -> Street:
     """The street layout for `params` (extent from the trajectory; everything random from the seed)."""
     rng = np.random.default_rng([params.seed, 1])
+    if params.road != "straight":
+        layout = build_layout(params, rng)
+        poles, pole_rgb, bands, band_rgb, seam = _layout_poles(rng, layout, params.pole_spacing_m)
+        return Street(
+            x_min=layout.drive.s_start, x_max=layout.drive.s_end, rows=tuple(b.row for b in layout.blocks),
+            poles_P4=_mm(poles).reshape(-1, 4), pole_rgb_P3=np.clip(np.array(pole_rgb).reshape(-1, 3), 0, 1),
+            bands_PK2=np.array(bands).reshape(-1, 3, 2), band_rgb_PK3=np.array(band_rgb).reshape(-1, 3, 3),
+            dash_origin=layout.dash_origin[0], layout=layout, pole_seam=seam,
+        )
     x_min, x_max = -BEHIND_M, _stretch_m(params) + AHEAD_M
     rows = (_building_row(rng, -1, x_min, x_max), _building_row(rng, +1, x_min, x_max))
     poles, pole_rgb, bands, band_rgb = [], [], [], []
@@ -277,15 +747,7 @@ def build_street(params: SynthParams) -> Street:
         while x < x_max - 1.0:
             poles.append([x, side * (KERB_OUTER_M + rng.uniform(0.3, 0.7)), rng.uniform(0.08, 0.15),
                           rng.uniform(4.0, POLE_MAX_H_M)])
-            pole_rgb.append(np.array(POLE_RGB[rng.integers(len(POLE_RGB))]) * rng.uniform(0.9, 1.1))
-            zb = np.full((3, 2), -1.0)
-            rgb = np.zeros((3, 3))
-            for k in range(rng.integers(0, 4)):
-                z0 = rng.uniform(0.6, 3.5)
-                zb[k] = (z0, z0 + rng.uniform(0.08, 0.4))
-                rgb[k] = BAND_RGB[rng.integers(len(BAND_RGB))]
-            bands.append(zb)
-            band_rgb.append(rgb)
+            _pole_style(rng, pole_rgb, bands, band_rgb)
             x += params.pole_spacing_m + rng.uniform(-jitter, jitter)
     return Street(
         x_min=x_min, x_max=x_max, rows=rows, poles_P4=_mm(poles).reshape(-1, 4),
@@ -315,11 +777,13 @@ def _pose(x: float, y: float, z: float, yaw: float, pitch: float) -> np.ndarray:
     return look_at_cam_from_world(center, center + forward)
 
 
-def trajectories(params: SynthParams) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """cam_from_world (3x4) of the mapping frames and of the query frames."""
+def trajectories(params: SynthParams, layout: Layout | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """cam_from_world (3x4) of the mapping frames and of the query frames (along `layout` when given)."""
     rng = np.random.default_rng([params.seed, 2])
     ph = rng.uniform(0.0, 2 * math.pi, 4)
     yaw_amp, pitch = math.radians(params.yaw_amplitude_deg), math.radians(params.pitch_deg)
+    if layout is not None:
+        return _layout_trajectories(params, layout.drive, ph)
 
     def at(t: float, x: float, lane: float, z: float, ph_lat: float, ph_yaw: float) -> np.ndarray:
         y = lane + params.lateral_amplitude_m * math.sin(2 * math.pi * t / params.lateral_period_s + ph_lat)
@@ -337,6 +801,33 @@ def trajectories(params: SynthParams) -> tuple[list[np.ndarray], list[np.ndarray
         x = _stretch_m(params) * (k + 0.5) / params.n_queries
         queries.append(at(x / params.query_speed_mps, x, params.query_lane_y_m, params.query_height_m,
                           ph[2], ph[3]))
+    return mapping, queries
+
+
+def _layout_trajectories(params: SynthParams, drive: PlanCurve, ph: np.ndarray):
+    """Mapping and query poses along a layout's centre line: each camera keeps to its lane (an offset of the
+    centre line) at its speed along the lane, swaying across it and yawing about its heading as on the
+    straight street."""
+    yaw_amp, pitch = math.radians(params.yaw_amplitude_deg), math.radians(params.pitch_deg)
+
+    def at(lane_curve: PlanCurve, t: float, s: float, z: float, ph_lat: float, ph_yaw: float) -> np.ndarray:
+        sway = params.lateral_amplitude_m * math.sin(2 * math.pi * t / params.lateral_period_s + ph_lat)
+        yaw = yaw_amp * math.sin(2 * math.pi * t / params.yaw_period_s + ph_yaw)
+        x, y = lane_curve.point(s, sway)
+        return _pose(float(x), float(y), z, float(lane_curve.heading(s)) + yaw, pitch)
+
+    lane = drive.offset(params.lane_y_m)
+    mapping = []
+    for i in range(params.n_frames):
+        t = i / params.fps
+        mapping.append(at(lane, t, params.speed_mps * t, params.camera_height_m, ph[0], ph[1]))
+    # Queries: the midpoints of n_queries equal parts of the mapped stretch (on the centre line), in their lane.
+    qlane = drive.offset(params.query_lane_y_m)
+    s_last = drive.s_on(lane, _stretch_m(params))
+    queries = []
+    for k in range(params.n_queries):
+        sq = drive.s_of(qlane, s_last * (k + 0.5) / params.n_queries)
+        queries.append(at(qlane, sq / params.query_speed_mps, sq, params.query_height_m, ph[2], ph[3]))
     return mapping, queries
 
 
@@ -465,6 +956,52 @@ def _rgb(values, device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def _piece(curve: PlanCurve, i: int) -> tuple[float, float, float, float, float, float]:
+    """x0, y0, h0, length, k, s0 of piece i as floats."""
+    return tuple(float(a[i]) for a in (curve.x0, curve.y0, curve.h0, curve.length, curve.k, curve.s0))
+
+
+def _hit_wall(facade: PlanCurve, i: int, ox: float, oy: float, dx: torch.Tensor, dy: torch.Tensor):
+    """Ray parameter t (inf: miss) and facade arc length u where rays from (ox, oy) meet piece i of a facade.
+
+    A facade is one-sided: it faces the road, on its left. A segment is a vertical plane, an arc a vertical
+    cylinder: seen from outside when it bends right (a corner building), from inside when it bends left.
+    """
+    x0, y0, h0, length, k, s0 = _piece(facade, i)
+    inf = torch.full_like(dx, float("inf"))
+    if k == 0:
+        c, sn = math.cos(h0), math.sin(h0)
+        front = (oy - y0) * c - (ox - x0) * sn  # the origin's distance in front of the wall
+        if front <= 0:
+            return inf, torch.zeros_like(dx)
+        dn = dy * c - dx * sn
+        toward = dn < -1e-9
+        t = torch.where(toward, front / torch.where(toward, -dn, torch.ones_like(dn)), inf)
+        along = ((ox - x0) * c + (oy - y0) * sn) + t * (dx * c + dy * sn)
+        t = torch.where(toward & (along >= 0) & (along <= length), t, inf)
+        return t, along + s0
+    rho = 1.0 / k
+    radius, sg = abs(rho), (1.0 if k > 0 else -1.0)
+    ex, ey = ox - (x0 - rho * math.sin(h0)), oy - (y0 + rho * math.cos(h0))
+    hn = torch.sqrt(dx * dx + dy * dy).clamp(min=1e-12)
+    nx, ny = dx / hn, dy / hn
+    along = -(ex * nx + ey * ny)  # horizontal distance to the closest approach to the axis
+    perp = ex * ny - ey * nx
+    half = torch.sqrt((radius * radius - perp * perp).clamp(min=0.0))
+    t = (along + sg * half) / hn  # bends left: the far side (from inside); bends right: the near side
+    hx, hy = ex + t * dx, ey + t * dy
+    mid = h0 + k * length / 2
+    delta = _wrap(torch.atan2(sg * hx, -sg * hy) - mid)
+    ok = (perp.abs() <= radius) & (t > 0) & (delta.abs() <= abs(k) * length / 2)
+    return torch.where(ok, t, inf), delta / k + (s0 + length / 2)
+
+
+def _wall_light(nx: torch.Tensor, ny: torch.Tensor) -> torch.Tensor:
+    """Sun light on walls with horizontal normal (nx, ny): as on the straight street, where the facade facing
+    +y gets 1 and the one facing -y 0.62."""
+    return 0.62 + 0.38 * (nx * float(SUN_3[0]) + ny * float(SUN_3[1])).clamp(min=0.0) / float(SUN_3[1])
+
+
 # ---- The renderer ----
 
 class Renderer:
@@ -472,19 +1009,36 @@ class Renderer:
 
     def __init__(self, street: Street, seed: int, device: str):
         self.street, self.device = street, device
+        self.layout = street.layout
         dev = device
         rng = np.random.default_rng([seed, 3])
-        y_max = max(abs(r.facade_y) for r in street.rows) + 0.5
-        length = street.x_max - street.x_min
         # Pink-ish octave weights: 2 cm grain dominates close up, metre-scale patches survive far away.
-        self.ground = _make_texture(rng, (street.x_min, -y_max), (length, 2 * y_max), GROUND_TEXEL_M,
-                                    [(1, 1.0), (2, 0.8), (4, 0.6), (8, 0.5), (16, 0.45), (32, 0.45),
-                                     (64, 0.4), (128, 0.35)], 0.6, dev)
-        self.facades = [
-            _make_texture(rng, (street.x_min - 1.0, 0.0), (length + 2.0, MAX_BUILDING_M + 1.0), FACADE_TEXEL_M,
-                          [(1, 0.8), (2, 0.8), (4, 0.7), (8, 0.6), (16, 0.6), (64, 0.5)], 0.3, dev)
-            for _ in street.rows
-        ]
+        ground_octaves = [(1, 1.0), (2, 0.8), (4, 0.6), (8, 0.5), (16, 0.45), (32, 0.45), (64, 0.4), (128, 0.35)]
+        facade_octaves = [(1, 0.8), (2, 0.8), (4, 0.7), (8, 0.6), (16, 0.6), (64, 0.5)]
+        if self.layout is None:
+            y_max = max(abs(r.facade_y) for r in street.rows) + 0.5
+            length = street.x_max - street.x_min
+            self.ground = _make_texture(rng, (street.x_min, -y_max), (length, 2 * y_max), GROUND_TEXEL_M,
+                                        ground_octaves, 0.6, dev)
+            self.facades = [
+                _make_texture(rng, (street.x_min - 1.0, 0.0), (length + 2.0, MAX_BUILDING_M + 1.0), FACADE_TEXEL_M,
+                              facade_octaves, 0.3, dev)
+                for _ in street.rows
+            ]
+        else:
+            # One ground texture per street in its own (arc length, offset) coordinates; facades along each
+            # block's facade arc length.
+            self.grounds = [
+                _make_texture(rng, (c.s_start, -half), (c.s_end - c.s_start, 2 * half), GROUND_TEXEL_M,
+                              ground_octaves, 0.6, dev)
+                for c, half in zip(self.layout.streets, self.layout.tex_half_m)
+            ]
+            self.ground = self.grounds[0]
+            self.facades = [
+                _make_texture(rng, (b.facade.s_start - 1.0, 0.0), (b.facade.s_end - b.facade.s_start + 2.0,
+                              MAX_BUILDING_M + 1.0), FACADE_TEXEL_M, facade_octaves, 0.3, dev)
+                for b in self.layout.blocks
+            ]
         n_poles = max(1, len(street.poles_P4))
         self.pole_tex = _make_texture(rng, (0.0, 0.0), (n_poles * POLE_STRIP_M, POLE_MAX_H_M + 0.5), POLE_TEXEL_M,
                                       [(1, 0.6), (2, 0.8), (4, 0.8), (8, 0.6), (32, 0.5)], 0.0, dev)
@@ -494,6 +1048,8 @@ class Renderer:
         self.pole_rgb = torch.as_tensor(street.pole_rgb_P3, dtype=torch.float32, device=dev)
         self.bands = torch.as_tensor(street.bands_PK2, dtype=torch.float32, device=dev)
         self.band_rgb = torch.as_tensor(street.band_rgb_PK3, dtype=torch.float32, device=dev)
+        self.pole_seam = None if street.pole_seam is None else \
+            torch.as_tensor(street.pole_seam, dtype=torch.float32, device=dev)
         self.salt = int(np.random.default_rng([seed, 4]).integers(1, 2**20))
         self._dirs_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -525,23 +1081,26 @@ class Renderer:
 
         # ground z = 0: t along (unnormalised, camera z = 1) directions is the z-depth
         tg = torch.where(dz < -1e-9, -oz / dz.clamp(max=-1e-9), inf)
-        xg = ox + tg * dx
-        tbest = torch.where((xg >= st.x_min) & (xg <= st.x_max), tg, inf)
-        mat = torch.where(torch.isfinite(tbest), GROUND, SKY).to(torch.uint8)
+        if self.layout is not None:
+            tbest, mat, obj = self._intersect_layout(cam_from_world, w, h, K, ss, tg, d, (ox, oy, oz))
+        else:
+            xg = ox + tg * dx
+            tbest = torch.where((xg >= st.x_min) & (xg <= st.x_max), tg, inf)
+            mat = torch.where(torch.isfinite(tbest), GROUND, SKY).to(torch.uint8)
 
-        for side, row in enumerate(st.rows):
-            toward = (dy < -1e-9) if row.facade_y < 0 else (dy > 1e-9)
-            tf = torch.where(toward, (row.facade_y - oy) / torch.where(toward, dy, torch.ones_like(dy)), inf)
-            xf, zf = ox + tf * dx, oz + tf * dz
-            rowt = self.rows[side]
-            bi = (torch.bucketize(xf.clamp(st.x_min, st.x_max), rowt["edges"], right=True) - 1).clamp(
-                0, len(row.height) - 1)
-            ok = toward & (xf >= st.x_min) & (xf <= st.x_max) & (zf >= 0) & (zf <= rowt["height"][bi])
-            ok &= tf < tbest
-            tbest = torch.where(ok, tf, tbest)
-            mat = torch.where(ok, FACADE_RIGHT + side, mat)
+            for side, row in enumerate(st.rows):
+                toward = (dy < -1e-9) if row.facade_y < 0 else (dy > 1e-9)
+                tf = torch.where(toward, (row.facade_y - oy) / torch.where(toward, dy, torch.ones_like(dy)), inf)
+                xf, zf = ox + tf * dx, oz + tf * dz
+                rowt = self.rows[side]
+                bi = (torch.bucketize(xf.clamp(st.x_min, st.x_max), rowt["edges"], right=True) - 1).clamp(
+                    0, len(row.height) - 1)
+                ok = toward & (xf >= st.x_min) & (xf <= st.x_max) & (zf >= 0) & (zf <= rowt["height"][bi])
+                ok &= tf < tbest
+                tbest = torch.where(ok, tf, tbest)
+                mat = torch.where(ok, FACADE_RIGHT + side, mat)
 
-        obj = torch.full_like(mat, -1, dtype=torch.int32)
+            obj = torch.full_like(mat, -1, dtype=torch.int32)
         for p, (px, py, r, ph) in enumerate(st.poles_P4):
             box = self._pole_box(cam_from_world, (px, py, r, ph), K, w, h, ss)
             if box is None:
@@ -563,6 +1122,58 @@ class Renderer:
             obj[r0:r1, c0:c1] = torch.where(ok, p, obj[r0:r1, c0:c1])
         return tbest, mat, obj, (dx, dy, dz), (ox, oy, oz)
 
+    def _intersect_layout(self, cam_from_world, w, h, K, ss, tg, d, o):
+        """Nearest hit on the ground and the blocks' facades of a layout: z-depth, material, object index."""
+        dx, dy, dz = d
+        ox, oy, oz = o
+        lay = self.layout
+        hit = torch.isfinite(tg).reshape(-1).nonzero().squeeze(1)
+        valid = torch.zeros(tg.numel(), dtype=torch.bool, device=self.device)
+        tgh = tg.reshape(-1)[hit]
+        valid[hit] = lay.ground_valid(ox + tgh * dx.reshape(-1)[hit], oy + tgh * dy.reshape(-1)[hit])
+        tbest = torch.where(valid.view_as(tg), tg, torch.full_like(tg, float("inf")))
+        mat = torch.where(valid.view_as(tg), GROUND, SKY).to(torch.uint8)
+        obj = torch.full_like(mat, -1, dtype=torch.int32)
+        for bi, blk in enumerate(lay.blocks):
+            rowt = self.rows[bi]
+            for pi in range(len(blk.facade.s0)):
+                box = self._wall_box(cam_from_world, blk.facade, pi, float(blk.row.height.max()), K, w, h, ss)
+                if box is None:
+                    continue
+                r0, r1, c0, c1 = box
+                sdx, sdy, sdz = dx[r0:r1, c0:c1], dy[r0:r1, c0:c1], dz[r0:r1, c0:c1]
+                tw, u = _hit_wall(blk.facade, pi, ox, oy, sdx, sdy)
+                zw = oz + tw * sdz
+                b = (torch.bucketize(u, rowt["edges"], right=True) - 1).clamp(0, len(blk.row.height) - 1)
+                sub_t = tbest[r0:r1, c0:c1]
+                ok = (zw >= 0) & (zw <= rowt["height"][b]) & (tw < sub_t)
+                tbest[r0:r1, c0:c1] = torch.where(ok, tw, sub_t)
+                mat[r0:r1, c0:c1] = torch.where(ok, WALL, mat[r0:r1, c0:c1])
+                obj[r0:r1, c0:c1] = torch.where(ok, bi * WALL_PIECES + pi, obj[r0:r1, c0:c1])
+        return tbest, mat, obj
+
+    @staticmethod
+    def _wall_box(cam_from_world, facade: PlanCurve, i: int, top: float, K, w, h, ss):
+        """Sub-pixel rows/cols [r0, r1) x [c0, c1) piece i of a facade (up to `top`) can cover, or None."""
+        length, k = float(facade.length[i]), float(facade.k[i])
+        n = 1 if k == 0 else max(2, math.ceil(length))
+        xy = facade.point(facade.s0[i] + np.linspace(0.0, length, n + 1) * (1 - 1e-9))
+        sag = 0.0 if k == 0 else abs(k) * (length / n) ** 2 / 8  # how far the arc bulges between samples
+        pts = np.concatenate([np.c_[xy, np.zeros(len(xy))], np.c_[xy, np.full(len(xy), top)]])
+        cam = pts @ cam_from_world[:, :3].T + cam_from_world[:, 3]
+        if np.all(cam[:, 2] + sag <= 0.05):
+            return None
+        if np.any(cam[:, 2] <= 0.05 + sag):  # reaches beside or behind the camera: test the whole image
+            return 0, h * ss, 0, w * ss
+        fx, fy, cx, cy = K
+        u = fx * cam[:, 0] / cam[:, 2] + cx
+        v = fy * cam[:, 1] / cam[:, 2] + cy
+        m = max(fx, fy) * sag / cam[:, 2].min() + 1.0
+        c0, c1 = int(math.floor((u.min() - m) * ss)) - 1, int(math.ceil((u.max() + m) * ss)) + 1
+        r0, r1 = int(math.floor((v.min() - m) * ss)) - 1, int(math.ceil((v.max() + m) * ss)) + 1
+        c0, c1, r0, r1 = max(c0, 0), min(c1, w * ss), max(r0, 0), min(r1, h * ss)
+        return None if c0 >= c1 or r0 >= r1 else (r0, r1, c0, c1)
+
     @staticmethod
     def _pole_box(cam_from_world, pole, K, w, h, ss):
         """Sub-pixel rows/cols [r0, r1) x [c0, c1) a pole can cover, or None when it is out of view."""
@@ -583,16 +1194,25 @@ class Renderer:
 
     # -- shading --
 
-    def shade_ground(self, x, y, fp_x, fp_y) -> torch.Tensor:
-        """Colour of ground points (road, markings, kerb, sidewalk) for footprints fp_x, fp_y in metres."""
+    def shade_ground(self, x, y, fp_x, fp_y, g=None, dash_s=None, dash_w=None) -> torch.Tensor:
+        """Colour of ground points (road, markings, kerb, sidewalk) for footprints fp_x, fp_y in metres.
+
+        x, y are road coordinates: along the street and across it from the centre line (the straight street:
+        world x and y). A layout passes the asphalt noise g it sampled, the position dash_s in the centre-dash
+        pattern and a weight dash_w for the dashes (default: x - dash_origin, everywhere).
+        """
         dev = self.device
-        level = self.ground.level_of(_mip_footprint(fp_x, fp_y))
-        g = self.ground.sample(x, y, level)
+        if g is None:
+            level = self.ground.level_of(_mip_footprint(fp_x, fp_y))
+            g = self.ground.sample(x, y, level)
         ay = y.abs()
         asphalt = (0.30 + 0.16 * g).clamp(0.03, 1.0)[:, None] * _rgb((0.97, 0.99, 1.03), dev)
         half = LINE_WIDTH_M / 2
         edge = _box(ay, EDGE_LINE_Y_M - half, EDGE_LINE_Y_M + half, fp_y)
-        dash = _box(y, -half, half, fp_y) * _stripes(x - self.street.dash_origin, DASH_M + GAP_M, DASH_M, fp_x)
+        dash_s = x - self.street.dash_origin if dash_s is None else dash_s
+        dash = _box(y, -half, half, fp_y) * _stripes(dash_s, DASH_M + GAP_M, DASH_M, fp_x)
+        if dash_w is not None:
+            dash = dash * dash_w
         paint = (0.80 + 0.05 * g).clamp(0.0, 1.0)[:, None] * _rgb((1.0, 0.99, 0.95), dev)
         road = _lerp(asphalt, paint, torch.maximum(edge, dash))
 
@@ -615,8 +1235,12 @@ class Renderer:
         region = torch.where(ay < ROAD_HALF_WIDTH_M, 0, torch.where(ay < KERB_OUTER_M, 1, 2))[:, None]
         return torch.where(region == 0, road, torch.where(region == 1, kerb, sidewalk))
 
-    def shade_facade(self, side: int, x, z, fp_x, fp_z) -> torch.Tensor:
-        """Colour of facade points of one side: brick or plaster wall, windows, base and cornice."""
+    def shade_facade(self, side: int, x, z, fp_x, fp_z, light=None) -> torch.Tensor:
+        """Colour of facade points of one side: brick or plaster wall, windows, base and cornice.
+
+        side indexes the building rows (a layout: its blocks), x is the position along the row; `light`
+        (per point) replaces the straight street's light of the side's facing.
+        """
         dev = self.device
         tex, row = self.facades[side], self.rows[side]
         b = (torch.bucketize(x, row["edges"], right=True) - 1).clamp(0, len(row["height"]) - 1)
@@ -672,6 +1296,8 @@ class Renderer:
         out = _lerp(out, _rgb((0.85, 0.84, 0.80), dev).expand_as(out), cornice)
         base = _box(z, -1.0, 0.35, fp_z)
         out = out * (1.0 - 0.45 * base)[:, None]
+        if light is not None:
+            return out * light[:, None]
         normal_y = 1.0 if self.street.rows[side].facade_y < 0 else -1.0
         light = 0.62 + 0.38 * max(0.0, normal_y * float(SUN_3[1])) / float(SUN_3[1])
         return out * light
@@ -682,7 +1308,11 @@ class Renderer:
         nx, ny = x - pole[:, 0], y - pole[:, 1]
         norm = torch.sqrt(nx * nx + ny * ny).clamp(min=1e-9)
         nx, ny = nx / norm, ny / norm
-        # arc length with the seam on the +x side, which faces away from cameras driving +x
+        # arc length with the seam on the +x side, which faces away from cameras driving +x (a layout: on the
+        # side facing the buildings)
+        if self.pole_seam is not None:
+            c, sn = torch.cos(self.pole_seam[p]), torch.sin(self.pole_seam[p])
+            nx, ny = nx * c + ny * sn, ny * c - nx * sn
         theta = torch.atan2(-ny, -nx)
         u = p.to(torch.float32) * POLE_STRIP_M + POLE_STRIP_M / 2 + theta * pole[:, 2]
         g = self.pole_tex.sample(u, z, self.pole_tex.level_of(fp))
@@ -693,6 +1323,79 @@ class Renderer:
         out = out * (1.0 - 0.5 * _box(z, -1.0, 0.25, fp))[:, None]
         lambert = (nx * float(SUN_3[0]) + ny * float(SUN_3[1])).clamp(min=0.0)
         return out * (0.55 + 0.6 * lambert)[:, None]
+
+    def _shade_layout_ground(self, t, dx, dy, dz, o, du, dv) -> torch.Tensor:
+        """Colour of ground hits of a layout."""
+        # World offsets on the ground of one sub-pixel step along u and v (ray differentials on z = 0).
+        fu = (t * (float(du[0]) - dx * float(du[2]) / dz), t * (float(du[1]) - dy * float(du[2]) / dz))
+        fv = (t * (float(dv[0]) - dx * float(dv[2]) / dz), t * (float(dv[1]) - dy * float(dv[2]) / dz))
+        return self.shade_layout_ground(o[0] + t * dx, o[1] + t * dy, fu, fv)
+
+    def shade_layout_ground(self, x, y, fu, fv) -> torch.Tensor:
+        """Colour of a layout's ground points, shaded in the road coordinates of the street they lie on.
+
+        fu, fv: (x, y) world offsets spanning each point's footprint (the ray differentials of a sub-pixel).
+        """
+        def extent(angle, scale=1.0):
+            c, sn = torch.cos(angle), torch.sin(angle)
+            return ((fu[0] * c + fu[1] * sn).abs() + (fv[0] * c + fv[1] * sn).abs()) * scale
+
+        fr = self.layout.ground_frame(x, y)
+        fp_along, fp_across = extent(fr["along_dir"], fr["along_scale"]), extent(fr["across_dir"])
+        dash_w = fr["dash_w"]
+        if "dash_lo" in fr:  # no dashes across the junction (box-filtered where they stop)
+            dash_w = dash_w * (1.0 - _box(fr["dash_street_s"], fr["dash_lo"], fr["dash_hi"], fp_along))
+        if self.layout.junction is None:
+            g = self.grounds[0].sample(fr["along"], fr["across"], self.grounds[0].level_of(
+                _mip_footprint(fp_along, fp_across)))
+        else:  # the main street's texture (world x, y) across its width, the cross street's beyond
+            g = torch.empty_like(x)
+            main = y.abs() <= self.layout.tex_half_m[0]
+            for tex, street, sel in ((0, self.layout.streets[0], main), (1, self.layout.streets[1], ~main)):
+                sel = sel.nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                x0, y0, h0, _, _, s0 = _piece(street, 0)
+                c, sn = math.cos(h0), math.sin(h0)
+                xs, ys = x[sel] - x0, y[sel] - y0
+                fa = (fu[0][sel] * c + fu[1][sel] * sn).abs() + (fv[0][sel] * c + fv[1][sel] * sn).abs()
+                fb = (fu[1][sel] * c - fu[0][sel] * sn).abs() + (fv[1][sel] * c - fv[0][sel] * sn).abs()
+                g[sel] = self.grounds[tex].sample(xs * c + ys * sn + s0, ys * c - xs * sn,
+                                                  self.grounds[tex].level_of(_mip_footprint(fa, fb)))
+        return self.shade_ground(fr["along"], fr["across"], fp_along, fp_across, g=g, dash_s=fr["dash_s"],
+                                 dash_w=dash_w)
+
+    def _shade_walls(self, obj, t, dx, dy, dz, o, du, dv) -> torch.Tensor:
+        """Colour of facade hits of a layout's blocks, lit by the sun according to the wall's normal."""
+        out = torch.empty((len(t), 3), dtype=torch.float32, device=self.device)
+        for key in torch.unique(obj).tolist():
+            bi, pi = divmod(int(key), WALL_PIECES)
+            sel = (obj == key).nonzero().squeeze(1)
+            tt, sdx, sdy, sdz = t[sel], dx[sel], dy[sel], dz[sel]
+            hx, hy, hz = o[0] + tt * sdx, o[1] + tt * sdy, o[2] + tt * sdz
+            x0, y0, h0, length, k, s0 = _piece(self.layout.blocks[bi].facade, pi)
+            if k == 0:
+                c, sn = math.cos(h0), math.sin(h0)
+                u = (hx - x0) * c + (hy - y0) * sn + s0
+                nx, ny = torch.full_like(hx, -sn), torch.full_like(hx, c)  # the front faces left, to the road
+            else:
+                rho = 1.0 / k
+                sg = 1.0 if k > 0 else -1.0
+                vx, vy = hx - (x0 - rho * math.sin(h0)), hy - (y0 + rho * math.cos(h0))
+                r = torch.sqrt(vx * vx + vy * vy).clamp(min=1e-9)
+                mid = h0 + k * length / 2
+                u = _wrap(torch.atan2(sg * vx, -sg * vy) - mid) / k + (s0 + length / 2)
+                nx, ny = -sg * vx / r, -sg * vy / r
+            # World offsets on the wall's tangent plane of one sub-pixel step along u and v.
+            dn = sdx * nx + sdy * ny
+            fu = [tt * (float(du[a]) - dd * (float(du[0]) * nx + float(du[1]) * ny) / dn)
+                  for a, dd in enumerate((sdx, sdy, sdz))]
+            fv = [tt * (float(dv[a]) - dd * (float(dv[0]) * nx + float(dv[1]) * ny) / dn)
+                  for a, dd in enumerate((sdx, sdy, sdz))]
+            fp_u = (fu[0] * ny - fu[1] * nx).abs() + (fv[0] * ny - fv[1] * nx).abs()
+            fp_z = fu[2].abs() + fv[2].abs()
+            out[sel] = self.shade_facade(bi, u, hz, fp_u, fp_z, light=_wall_light(nx, ny))
+        return out
 
     def _sky(self, dx, dy, dz) -> torch.Tensor:
         """Sky colour per ray: horizon haze to zenith blue."""
@@ -735,10 +1438,15 @@ class Renderer:
             return fu.abs() + fv.abs()
 
         sel = (mat == GROUND).nonzero().squeeze(1)
-        if sel.numel():
+        if sel.numel() and self.layout is not None:
+            out[sel] = self._shade_layout_ground(t[sel], dx[sel], dy[sel], dz[sel], o, du, dv)
+        elif sel.numel():
             dn = dz[sel]
             x, y = o[0] + t[sel] * dx[sel], o[1] + t[sel] * dy[sel]
             out[sel] = self.shade_ground(x, y, footprint(sel, dn, 2, 0), footprint(sel, dn, 2, 1))
+        sel = (mat == WALL).nonzero().squeeze(1)
+        if sel.numel():
+            out[sel] = self._shade_walls(obj[sel], t[sel], dx[sel], dy[sel], dz[sel], o, du, dv)
         for side in (0, 1):
             sel = (mat == FACADE_RIGHT + side).nonzero().squeeze(1)
             if sel.numel():
@@ -764,6 +1472,8 @@ class Renderer:
 
 def hdmap_geojson(street: Street) -> dict:
     """The HD map of the street as a GeoJSON FeatureCollection in world metres."""
+    if street.layout is not None:
+        return _layout_hdmap(street)
     feats = []
     for y in (-EDGE_LINE_Y_M, EDGE_LINE_Y_M):
         feats.append(_feature("LineString", [[street.x_min, y, 0.0], [street.x_max, y, 0.0]],
@@ -776,6 +1486,31 @@ def hdmap_geojson(street: Street) -> dict:
     return {
         "type": "FeatureCollection",
         "frame": "world of transforms.json: x along the road, y left, z up, metres (not WGS84)",
+        "features": feats,
+    }
+
+
+def _layout_hdmap(street: Street) -> dict:
+    """The HD map of a layout: one solid edge line along each block's kerb (round the corners), one LineString
+    per centre-line dash; curves as polylines within 1 mm of the arcs (vertices at most 0.5 m apart)."""
+    lay = street.layout
+
+    def xyz(pts: np.ndarray) -> list[list[float]]:
+        return [[round(float(x), 4), round(float(y), 4), 0.0] for x, y in pts]
+
+    feats = []
+    for blk in lay.blocks:
+        feats.append(_feature("LineString", xyz(blk.kerb.polyline(blk.kerb.s_start, blk.kerb.s_end, EDGE_INSET_M)),
+                              {"kind": "lane_marking", "type": "solid", "width": LINE_WIDTH_M}))
+    for i, s0, s1 in lay.dashes():
+        feats.append(_feature("LineString", xyz(lay.streets[i].polyline(s0, s1)),
+                              {"kind": "lane_marking", "type": "dashed", "width": LINE_WIDTH_M}))
+    for x, y, r, h in street.poles_P4:
+        feats.append(_feature("Point", [x, y, 0.0], {"kind": "pole", "height": h, "radius": r}))
+    return {
+        "type": "FeatureCollection",
+        "frame": f"world of transforms.json: x along the road at the first camera, y left, z up, metres (not "
+                 f"WGS84); road: {lay.kind}",
         "features": feats,
     }
 
@@ -836,6 +1571,90 @@ def surface_points(renderer: Renderer, street: Street, x0: float, x1: float, n: 
             xyz.append(pts)
             rgb.append(renderer.shade_pole(torch.as_tensor(idx_in[k], device=dev), t(pxy[:, 0]), t(pxy[:, 1]),
                                            t(pz), fp.expand(len(pz))).cpu().numpy())
+            nrm.append(np.concatenate([n_xy, np.zeros((len(pz), 1))], 1))
+    return np.concatenate(xyz), np.clip(np.concatenate(rgb), 0.0, 1.0), np.concatenate(nrm)
+
+
+def layout_surface_points(renderer: Renderer, street: Street, s0: float, s1: float, n: int, seed: int):
+    """n points uniform per area on a layout's ground, facades and poles whose place on the centre line the
+    cameras follow lies in [s0, s1]: xyz, rgb, normals. Ground and facade points are drawn by rejection from
+    a box and from the facades' full extent; the share of each surface follows its measured area."""
+    lay = street.layout
+    rng = np.random.default_rng([seed, 5])
+    dev = renderer.device
+    line = lay.drive.polyline(s0, s1)
+    reach = max(lay.tex_half_m) + 1.0
+    lo, hi = line.min(0) - reach, line.max(0) + reach
+    box_area = float(np.prod(hi - lo))
+    facade_m = torch.tensor([b.facade_m for b in lay.blocks], dtype=torch.float32)
+    fac_len = np.array([b.facade.s_end - b.facade.s_start for b in lay.blocks])
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)
+
+    def in_reach(x, y) -> torch.Tensor:
+        s = lay.drive.project(x, y)["s"]
+        return (s >= s0) & (s <= s1)
+
+    def ground(m: int) -> np.ndarray:
+        xy = rng.uniform(lo, hi, (m, 2))
+        x, y = t(xy[:, 0]), t(xy[:, 1])
+        fr = lay.ground_frame(x, y)
+        keep = fr["valid"] & in_reach(x, y) & (fr["across"].abs() <= facade_m.to(dev)[fr["block"]])
+        return xy[keep.cpu().numpy()]
+
+    def facade(m: int) -> np.ndarray:  # rows: block, u, z
+        blk = rng.choice(len(lay.blocks), m, p=fac_len / fac_len.sum())
+        frac, z = rng.uniform(0.0, 1.0, m), rng.uniform(0.0, MAX_BUILDING_M, m)
+        u, keep = np.zeros(m), np.zeros(m, bool)  # in the order drawn, so that a prefix stays uniform
+        for b, bl in enumerate(lay.blocks):
+            sel = blk == b
+            u[sel] = bl.facade.s_start + frac[sel] * fac_len[b]
+            k = np.clip(np.searchsorted(bl.row.edges, u[sel], side="right") - 1, 0, len(bl.row.height) - 1)
+            xy = bl.facade.point(u[sel])
+            keep[sel] = (z[sel] <= bl.row.height[k]) & in_reach(t(xy[:, 0]), t(xy[:, 1])).cpu().numpy()
+        return np.stack([blk, u, z], 1)[keep]
+
+    with torch.no_grad():
+        m = max(20_000, 2 * n)
+        pilot_g, pilot_f = ground(m), facade(m)
+        poles_in = np.array([bool(in_reach(t([p[0]]), t([p[1]]))[0]) for p in street.poles_P4], bool)
+        poles = street.poles_P4[poles_in] if len(street.poles_P4) else street.poles_P4
+        pole_area = 2 * np.pi * poles[:, 2] * poles[:, 3] if len(poles) else np.zeros(0)
+        areas = np.array([box_area * len(pilot_g) / m, fac_len.sum() * MAX_BUILDING_M * len(pilot_f) / m,
+                          pole_area.sum()])
+        counts = np.floor(n * areas / areas.sum()).astype(int)
+        counts[0] += n - counts.sum()
+        g_xy, f_buz = [pilot_g], [pilot_f]
+        while sum(map(len, g_xy)) < counts[0]:
+            g_xy.append(ground(m))
+        while sum(map(len, f_buz)) < counts[1]:
+            f_buz.append(facade(m))
+        g_xy, f_buz = np.concatenate(g_xy)[:counts[0]], np.concatenate(f_buz)[:counts[1]]
+
+        xyz = [np.c_[g_xy, np.zeros(len(g_xy))]]
+        fine = (t(np.full(len(g_xy), 1e-3)), t(np.zeros(len(g_xy))))
+        rgb = [renderer.shade_layout_ground(t(g_xy[:, 0]), t(g_xy[:, 1]), fine, fine[::-1]).cpu().numpy()]
+        nrm = [np.tile([0.0, 0.0, 1.0], (len(g_xy), 1))]
+        for b, bl in enumerate(lay.blocks):
+            sel = f_buz[:, 0] == b
+            u, z = f_buz[sel, 1], f_buz[sel, 2]
+            xy, head = bl.facade.point(u), bl.facade.heading(u)
+            nx, ny = -np.sin(head), np.cos(head)  # facing the road, on the facade's left
+            xyz.append(np.c_[xy, z])
+            fp = t(np.full(len(u), 1e-3))
+            rgb.append(renderer.shade_facade(b, t(u), t(z), fp, fp, light=_wall_light(t(nx), t(ny))).cpu().numpy())
+            nrm.append(np.c_[nx, ny, np.zeros(len(u))])
+        if counts[2] and len(poles):
+            idx_in = np.flatnonzero(poles_in)
+            k = rng.choice(len(poles), counts[2], p=pole_area / pole_area.sum())
+            ang = rng.uniform(-np.pi, np.pi, counts[2])
+            pz = rng.uniform(0.0, 1.0, counts[2]) * poles[k, 3]
+            n_xy = np.stack([np.cos(ang), np.sin(ang)], 1)
+            pxy = poles[k, :2] + poles[k, 2:3] * n_xy
+            xyz.append(np.concatenate([pxy, pz[:, None]], 1))
+            rgb.append(renderer.shade_pole(torch.as_tensor(idx_in[k], device=dev), t(pxy[:, 0]), t(pxy[:, 1]),
+                                           t(pz), t(np.full(len(pz), 1e-3))).cpu().numpy())
             nrm.append(np.concatenate([n_xy, np.zeros((len(pz), 1))], 1))
     return np.concatenate(xyz), np.clip(np.concatenate(rgb), 0.0, 1.0), np.concatenate(nrm)
 
@@ -905,14 +1724,21 @@ def run(params: SynthParams, *, out_dir: Path) -> SynthResult:
     t_start = time.perf_counter()
     device = pick_device(params.device)
     street = build_street(params)
-    mapping, queries = trajectories(params)
+    mapping, queries = trajectories(params, street.layout)
     K = intrinsics(params)
     w, h, ss = params.width, params.height, params.supersample
-    log.info("street x in [%.0f, %.0f] m: %d + %d buildings, %d poles, %d dashes; rendering %d %s and %d "
-             "queries at %dx%d (%dx%d rays per pixel) on %s",
-             street.x_min, street.x_max, len(street.rows[0].height), len(street.rows[1].height),
-             len(street.poles_P4), len(street.dashes()), params.n_frames, params.output, len(queries), w, h,
-             ss, ss, device)
+    if street.layout is None:
+        log.info("street x in [%.0f, %.0f] m: %d + %d buildings, %d poles, %d dashes; rendering %d %s and %d "
+                 "queries at %dx%d (%dx%d rays per pixel) on %s",
+                 street.x_min, street.x_max, len(street.rows[0].height), len(street.rows[1].height),
+                 len(street.poles_P4), len(street.dashes()), params.n_frames, params.output, len(queries), w, h,
+                 ss, ss, device)
+    else:
+        log.info("road %s, %.0f m of centre line: %d blocks, %d buildings, %d poles, %d dashes; rendering %d %s "
+                 "and %d queries at %dx%d (%dx%d rays per pixel) on %s", params.road,
+                 street.x_max - street.x_min, len(street.rows), sum(len(r.height) for r in street.rows),
+                 len(street.poles_P4), len(street.layout.dashes()), params.n_frames, params.output, len(queries),
+                 w, h, ss, ss, device)
     renderer = Renderer(street, params.seed, device)
     fx, fy, cx, cy = K
     frames = []
@@ -948,9 +1774,14 @@ def run(params: SynthParams, *, out_dir: Path) -> SynthResult:
         })
         hdmap = hdmap_geojson(street)
         write_json(tmp / "hdmap.geojson", hdmap)
-        x_first = float(camera_center(mapping[0])[0])
-        x_last = x_first + _stretch_m(params) + params.points_ahead_m
-        xyz, rgb, nrm = surface_points(renderer, street, x_first, x_last, params.n_points, params.seed)
+        if street.layout is None:
+            x_first = float(camera_center(mapping[0])[0])
+            x_last = x_first + _stretch_m(params) + params.points_ahead_m
+            xyz, rgb, nrm = surface_points(renderer, street, x_first, x_last, params.n_points, params.seed)
+        else:  # along the centre line, from the first camera's place on it (0) on
+            drive = street.layout.drive
+            s_last = drive.s_on(drive.offset(params.lane_y_m), _stretch_m(params)) + params.points_ahead_m
+            xyz, rgb, nrm = layout_surface_points(renderer, street, 0.0, s_last, params.n_points, params.seed)
         write_points(tmp / "points.ply", xyz, rgb, nrm)
     seconds = time.perf_counter() - t_start
     n_marks = sum(f["properties"]["kind"] == "lane_marking" for f in hdmap["features"])
