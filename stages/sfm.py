@@ -96,6 +96,8 @@ VLAD_LOOP_NEIGHBORS = 3
 # Homographies whose calibrated singular values agree within this (median) are rotations: pixel noise gives
 # ~0.01, a baseline of a tenth of the scene depth ~0.1.
 ROTATION_H_TOL = 0.03
+# The cross-check maps every other frame of captures with at least twice this many frames.
+CROSS_CHECK_MIN_IMAGES = 10
 # Points sampled for the triangulation-angle statistic (enough for a stable median, cheap on big models).
 TRI_ANGLE_SAMPLES = 5000
 
@@ -488,8 +490,12 @@ def rotation_only(geoms: dict, rec: Any) -> dict:
             "rotation_residual": float(np.median(spread)) if spread else None}
 
 
-def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Path) -> dict[int, Any]:
-    """Run one mapper on the database's matches (seeded, GPU only where pycolmap has CUDA); pycolmap's models."""
+def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Path,
+               image_names: list[str] | None = None) -> dict[int, Any]:
+    """Run one mapper on the database's matches (seeded, GPU only where pycolmap has CUDA); pycolmap's models.
+
+    `image_names` restricts the mapper to those images (the cross-check maps every other frame).
+    """
     out.mkdir(parents=True, exist_ok=True)
     refine = params.refine_intrinsics or not frames.focal_known
     gpu = _use_gpu(params)
@@ -505,6 +511,7 @@ def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Pa
         ba.refine_focal_length = refine
         ba.refine_extra_params = refine
         merge_options(opts, params.mapping, "mapping")
+        opts.image_names = image_names or []
         return pycolmap.global_mapping(db, frames.image_dir, out, opts)
     opts = pycolmap.IncrementalPipelineOptions()
     opts.random_seed = opts.mapper.random_seed = opts.triangulation.random_seed = params.seed
@@ -515,6 +522,7 @@ def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Pa
     opts.mapper.init_max_forward_motion = 1.0
     opts.min_model_size = min(opts.min_model_size, max(3, len(frames.names) // 4))
     merge_options(opts, params.mapping, "mapping")
+    opts.image_names = image_names or []
     return pycolmap.incremental_mapping(db, frames.image_dir, out, opts)
 
 
@@ -908,14 +916,15 @@ class _Work:
             self.matched[att.matches_key] = (db, n_pairs)
         return self.matched[att.matches_key]
 
-    def map(self, att: Attempt, mapper: str) -> dict[int, Any]:
-        """The models of `mapper` on the attempt's matches."""
-        key = (att.matches_key, mapper)
+    def map(self, att: Attempt, mapper: str, image_names: list[str] | None = None) -> dict[int, Any]:
+        """The models of `mapper` on the attempt's matches (on `image_names` only, when given)."""
+        key = (att.matches_key, mapper, len(image_names or []))
         if key not in self.models:
             db, _ = self.database(att)
             t0 = time.perf_counter()
-            log.info("mapping: %s mapper", mapper)
-            self.models[key] = map_images(db, self.frames, self.params, mapper, self.root / f"map_{len(self.models)}")
+            log.info("mapping: %s mapper%s", mapper, f" on {len(image_names)} images" if image_names else "")
+            self.models[key] = map_images(db, self.frames, self.params, mapper, self.root / f"map_{len(self.models)}",
+                                          image_names)
             self.seconds["mapping"] += time.perf_counter() - t0
         return self.models[key]
 
@@ -966,7 +975,10 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                            **rotation_only(geoms, rec), "models": len(models)}
                 if cross:
                     numbers["cross_check"] = {"mapper": other if att.mapper == params.mapper else params.mapper}
-                    other_rec = _largest(work.map(att, numbers["cross_check"]["mapper"]))
+                    # Every other frame: consecutive frames still share matches (overlap >= 2), and the other
+                    # mapper costs a fraction of a full run; a wrong focal or scale shows on half the frames too.
+                    subset = fr.names[::2] if len(fr.names) >= 2 * CROSS_CHECK_MIN_IMAGES else None
+                    other_rec = _largest(work.map(att, numbers["cross_check"]["mapper"], subset))
                     if other_rec is not None:
                         numbers["cross_check"].update(compare_models(rec, other_rec, fr))
                 main_names = {im.name for im in rec.images.values() if im.has_pose}
@@ -985,7 +997,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                      record.get("registered", 0), len(fr.names), "; ".join(record["rejected"]) or "passed the health gate")
             if not record["rejected"]:
                 break
-            mapped = set(work.models) if cross else {(a.matches_key, a.mapper) for a in done}
+            mapped = {k[:2] for k in work.models} if cross else {(a.matches_key, a.mapper) for a in done}
             att = next_rung(fr, params, ordered, done, record["rejected"], mapped)
         if best is None:
             raise StageError(_no_model_message(fr, attempts, frames))
