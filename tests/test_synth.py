@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import open3d as o3d
 import pytest
+import torch
 
 from stages import synth
 from stages.common.errors import StageError
@@ -245,3 +247,248 @@ def test_bad_params_name_the_key(tmp_path, capsys):
         build(synth.SynthParams, {"width": 161}, "params.yaml:synth")
     with pytest.raises(StageError, match="output: 'gif' is not allowed"):
         build(synth.SynthParams, {"output": "gif"}, "params.yaml:synth")
+
+
+# ---- Road layouts with turns (road: curve | junction) ----
+
+# 8 m between frames: 8 frames cover the whole bend or turn, with straight road before and after.
+LAYOUT = dict(n_frames=8, width=320, height=180, n_queries=2, n_points=20_000, output="images", speed_mps=80.0,
+              device="cpu")
+# A fingerprint of the default straight street at TINY size (decoded images and depth, transforms.json,
+# hdmap.geojson, points.ply), rendered by the synth stage before road layouts existed.
+STRAIGHT_TINY_FINGERPRINT = "dd1d1c1a877d9ba6edfa4c649003c202"
+
+
+def _fingerprint(scene: Path) -> str:
+    h = hashlib.md5()
+    for name in sorted(p.relative_to(scene).as_posix() for p in scene.rglob("*.png")):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(cv2.imread(str(scene / name), cv2.IMREAD_UNCHANGED)).tobytes())
+    for name in ("transforms.json", "hdmap.geojson"):
+        h.update((scene / name).read_bytes())
+    pcd = o3d.io.read_point_cloud(str(scene / "points.ply"))
+    for a in (pcd.points, pcd.colors, pcd.normals):
+        h.update(np.asarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_default_straight_street_renders_exactly_as_before(tmp_path):
+    params = synth.SynthParams(**{**TINY, "output": "images", "device": "cpu"})
+    assert params.road == "straight"
+    scene = synth.run(params, out_dir=tmp_path / "street").out_dir
+    assert _fingerprint(scene) == STRAIGHT_TINY_FINGERPRINT, "the default straight street no longer renders as before"
+
+
+def _heading(cam_from_world: np.ndarray) -> float:
+    forward = cam_from_world[2, :3]
+    return math.atan2(forward[1], forward[0])
+
+
+def _xy64(pts) -> tuple[torch.Tensor, torch.Tensor]:
+    pts = np.asarray(pts, float).reshape(-1, 2)
+    return torch.from_numpy(pts[:, 0].copy()), torch.from_numpy(pts[:, 1].copy())
+
+
+@pytest.mark.parametrize("road, extra, turn_deg", [
+    ("curve", {}, 60.0),
+    ("curve", {"curve_angle_deg": -45.0, "curve_radius_m": 30.0}, -45.0),
+    ("junction", {}, -90.0),
+    ("junction", {"turn_angle_deg": 60.0, "turn_radius_m": 15.0}, -60.0),
+    ("junction", {"turn_angle_deg": 120.0}, -120.0),
+])
+def test_layout_trajectories_turn_by_the_layout_angle_and_keep_their_lanes(road, extra, turn_deg):
+    params = synth.SynthParams(**{**LAYOUT, "road": road, **extra})
+    layout = synth.build_street(params).layout
+    mapping, queries = synth.trajectories(params, layout)
+    # Without yaw the heading follows the road exactly; with it, it stays within the yaw amplitude.
+    still = synth.SynthParams(**{**LAYOUT, "road": road, **extra, "yaw_amplitude_deg": 0.0})
+    m0 = synth.trajectories(still, layout)[0]
+    turned = math.degrees(synth._wrap(_heading(m0[-1]) - _heading(m0[0])))
+    assert turned == pytest.approx(turn_deg, abs=0.01)
+    turned = math.degrees(synth._wrap(_heading(mapping[-1]) - _heading(mapping[0])))
+    assert abs(turned - turn_deg) <= 2 * params.yaw_amplitude_deg + 1e-6
+    drive = layout.drive
+    for poses, lane, height in ((mapping, params.lane_y_m, params.camera_height_m),
+                                (queries, params.query_lane_y_m, params.query_height_m)):
+        centres = np.array([camera_center(p) for p in poses])
+        pr = drive.project(*_xy64(centres[:, :2]))
+        # in its lane: the offset from the centre line is the lane's, give or take the sway
+        assert np.all(np.abs(pr["d"].numpy() - lane) <= params.lateral_amplitude_m + 1e-9)
+        assert np.allclose(centres[:, 2], height)
+        # heading along the road's tangent, give or take the yaw
+        yaw = [synth._wrap(_heading(p) - h) for p, h in zip(poses, pr["heading"].numpy())]
+        assert np.max(np.abs(np.degrees(yaw))) <= params.yaw_amplitude_deg + 1e-6
+    # mapping frames are speed / fps apart along the lane (here 8 m)
+    lane_curve = drive.offset(params.lane_y_m)
+    s_lane = [drive.s_of(lane_curve, float(s)) for s in drive.project(*_xy64(
+        np.array([camera_center(p)[:2] for p in m0])))["s"]]
+    assert np.diff(s_lane) == pytest.approx(params.speed_mps / params.fps, abs=1e-6)
+
+
+@pytest.fixture(scope="module", params=["curve", "junction"])
+def layout_scene(request, tmp_path_factory) -> tuple[synth.SynthParams, synth.Street, Path]:
+    """A curve and a junction, 8 frames at 320x180 as images, rendered once for the geometry tests."""
+    params = synth.SynthParams(**{**LAYOUT, "road": request.param})
+    out = tmp_path_factory.mktemp(request.param) / "street"
+    res = synth.run(params, out_dir=out)
+    assert res.n_frames == 8 and res.n_queries == 2 and res.n_points == params.n_points
+    return params, synth.build_street(params), out
+
+
+def _surface_distance(street: synth.Street, X: np.ndarray) -> np.ndarray:
+    """Distance of world points to the nearest surface of a layout: ground, a block's facade, a pole."""
+    dist = np.abs(X[:, 2])
+    for blk in street.layout.blocks:
+        pr = blk.facade.project(*_xy64(X[:, :2]))
+        s = pr["s"].numpy()
+        on = (s >= blk.facade.s_start) & (s <= blk.facade.s_end)
+        dist = np.minimum(dist, np.where(on, np.abs(pr["d"].numpy()), np.inf))
+    for px, py, r, _ in street.poles_P4:
+        dist = np.minimum(dist, np.abs(np.hypot(X[:, 0] - px, X[:, 1] - py) - r))
+    return dist
+
+
+def test_layout_poses_and_depth_lie_on_the_layout_surfaces(layout_scene):
+    params, street, scene = layout_scene
+    tr = read_transforms(scene)
+    mapping, queries = synth.trajectories(params, street.layout)
+    by_path = tr.by_path()
+    for i, pose in enumerate(mapping):
+        assert np.allclose(by_path[f"images/{i:06d}.png"].cam_from_world_34, pose, atol=1e-9)
+    for k, pose in enumerate(queries):
+        assert np.allclose(by_path[f"queries/{k:06d}.png"].cam_from_world_34, pose, atol=1e-9)
+    K_33, w, h = tr.intrinsics.K_33(), tr.intrinsics.w, tr.intrinsics.h
+    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    rays_cam = np.stack([cols, rows, np.ones_like(cols)], -1) @ np.linalg.inv(K_33).T
+    on = {"ground": 0, "facade": 0}
+    for i, pose in enumerate(mapping):
+        depth = _depth_m(scene, i)
+        valid = depth > 0
+        assert valid.mean() > 0.5
+        X = camera_center(pose) + depth[valid][:, None] * (rays_cam[valid] @ pose[:, :3])
+        dist = _surface_distance(street, X)
+        # mm quantisation of depth along rays up to ~60 m long
+        assert np.percentile(dist, 99.9) < 0.005 and dist.max() < 0.05, i
+        on["ground"] += int((np.abs(X[:, 2]) < 0.005).sum())
+        on["facade"] += int((X[:, 2] > 0.5).sum())
+        # the bottom-centre pixel sees the road: its depth puts it on z = 0
+        ray = pose[:, :3].T @ rays_cam[h - 1, w // 2]
+        assert depth[h - 1, w // 2] == pytest.approx(-camera_center(pose)[2] / ray[2], abs=0.002)
+    assert on["ground"] > 1000 and on["facade"] > 1000
+
+
+def _marking_samples(hd: dict, step: float = 0.25, end_margin: float = 0.3):
+    """Points every `step` metres along each lane marking of an HD map (not within end_margin of its ends),
+    with the unit tangent of the line there and whether it bends there (the vertices either side turn by more
+    than 0.1 degrees)."""
+    out = []
+    for f in hd["features"]:
+        if f["properties"].get("kind") != "lane_marking":
+            continue
+        P = np.array(f["geometry"]["coordinates"])[:, :2]
+        seg = np.diff(P, axis=0)
+        length = np.hypot(seg[:, 0], seg[:, 1])
+        start = np.concatenate([[0.0], np.cumsum(length)[:-1]])
+        turn = np.abs(synth._wrap(np.diff(np.arctan2(seg[:, 1], seg[:, 0])))) > math.radians(0.1)
+        for u in np.arange(end_margin, length.sum() - end_margin, step):
+            j = min(int(np.searchsorted(start, u, side="right")) - 1, len(seg) - 1)
+            bends = bool((j > 0 and turn[j - 1]) or (j < len(turn) and turn[j]))
+            out.append((P[j] + seg[j] * (u - start[j]) / length[j], seg[j] / length[j], bends,
+                        f["properties"]["type"]))
+    return out
+
+
+def test_layout_lane_markings_are_painted_where_the_hdmap_says(layout_scene):
+    params, street, scene = layout_scene
+    tr = read_transforms(scene)
+    hd = json.loads((scene / "hdmap.geojson").read_text())
+    types = [f["properties"].get("type") for f in hd["features"] if f["properties"]["kind"] == "lane_marking"]
+    assert types.count("solid") == len(street.layout.blocks) and types.count("dashed") >= 10
+    K_33 = tr.intrinsics.K_33()
+    samples = _marking_samples(hd)
+    checked, bright, on_bends = 0, 0, 0
+    for i in range(params.n_frames):
+        f = tr.by_path()[f"images/{i:06d}.png"]
+        P = f.cam_from_world_34
+        gray = cv2.imread(str(scene / f.file_path), cv2.IMREAD_GRAYSCALE).astype(float)
+        depth = _depth_m(scene, i)
+
+        def pix(X):
+            uv, z = _project(K_33, P, [X[0], X[1], 0.0])
+            return uv, z
+
+        for X, tangent, bends, _ in samples:
+            uv, z = pix(X)
+            if not (3.0 < z < 25.0 and 2 <= uv[0] < params.width - 2 and 2 <= uv[1] < params.height - 2):
+                continue
+            # the line must be at least 2.5 px thick in the image here, and the ground there visible
+            nrm = np.array([-tangent[1], tangent[0]])
+            across = pix(X + nrm * synth.LINE_WIDTH_M / 2)[0] - pix(X - nrm * synth.LINE_WIDTH_M / 2)[0]
+            along = pix(X + 0.01 * tangent)[0] - uv
+            thick = abs(across[0] * along[1] - across[1] * along[0]) / np.hypot(*along)
+            if thick < 2.5 or abs(depth[int(uv[1]), int(uv[0])] - z) > 0.02 * z:
+                continue
+            sides = []
+            for sgn in (-1, 1):
+                uv_s, z_s = pix(X + sgn * 0.45 * nrm)
+                if 0 <= uv_s[0] < params.width and 0 <= uv_s[1] < params.height:
+                    sides.append(gray[int(uv_s[1]), int(uv_s[0])])
+            if not sides:
+                continue
+            paint = gray[int(uv[1]), int(uv[0])]
+            checked += 1
+            on_bends += bends
+            bright += paint > 160 and paint > min(sides) + 60
+    assert checked > 150 and on_bends > 50
+    assert bright / checked > 0.95
+
+
+def test_layout_points_ply_lies_on_the_surfaces_along_the_drive(layout_scene):
+    params, street, scene = layout_scene
+    pcd = o3d.io.read_point_cloud(str(scene / "points.ply"))
+    xyz, rgb, nrm = np.asarray(pcd.points), np.asarray(pcd.colors), np.asarray(pcd.normals)
+    assert len(xyz) == params.n_points
+    assert _surface_distance(street, xyz).max() < 1e-6
+    on_ground = np.abs(xyz[:, 2]) < 1e-9
+    assert 0.2 < on_ground.mean() < 0.8 and rgb[on_ground].std() > 0.05
+    assert np.allclose(nrm[on_ground], [0.0, 0.0, 1.0])
+    drive = street.layout.drive
+    s = drive.project(*_xy64(xyz[:, :2]))["s"].numpy()
+    s_last = drive.s_on(drive.offset(params.lane_y_m), params.speed_mps * (params.n_frames - 1) / params.fps)
+    assert s.min() >= -1e-6 and s.max() <= s_last + params.points_ahead_m + 1e-6
+    # ground points are on the road or sidewalk: in front of the facades, never inside a building
+    fr = street.layout.ground_frame(*[torch.as_tensor(a, dtype=torch.float32) for a in _xy64(xyz[on_ground, :2])])
+    f = np.array([b.facade_m for b in street.layout.blocks])[fr["block"].numpy()]
+    assert np.all(np.abs(fr["across"].numpy()) <= f + 1e-3) and fr["valid"].all()
+
+
+def test_junction_is_open_along_its_arms_and_closed_at_its_corners():
+    params = synth.SynthParams(**{**LAYOUT, "road": "junction"})
+    street = synth.build_street(params)
+    j = street.layout.junction
+    renderer = synth.Renderer(street, params.seed, "cpu")
+    K = synth.intrinsics(params)
+    w, h = params.width, params.height
+
+    def centre_depth(heading: float) -> float:
+        pose = synth._pose(j.cx, j.cy, 1.6, heading, 0.0)
+        _, depth = renderer.render(pose, w, h, K, 1)
+        return float(depth[h // 2, w // 2])  # the horizon straight ahead
+
+    for angle in j.arm_angle:  # straight on, left, back, right: no facade across any arm
+        assert centre_depth(float(angle)) > 50.0
+    between = j.arm_angle + np.remainder(np.roll(j.arm_angle, -1) - j.arm_angle, 2 * np.pi) / 2
+    for angle in between:  # a corner building between each two arms
+        assert centre_depth(float(angle)) < 30.0
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("road", "roundabout", "road: 'roundabout' is not allowed"),
+    ("curve_radius_m", 10.0, "curve_radius_m: 10.0 must lie in \\[20, 1000\\]"),
+    ("curve_angle_deg", 200.0, "curve_angle_deg: 200.0 must lie in \\[-180, 180\\]"),
+    ("turn_angle_deg", 30.0, "turn_angle_deg: 30.0 must lie in \\[45, 135\\]"),
+    ("turn_radius_m", 8.0, "turn_radius_m: 8.0 must lie in \\[11, 40\\]"),
+])
+def test_bad_layout_params_name_the_key(key, value, match):
+    with pytest.raises(StageError, match=match):
+        build(synth.SynthParams, {key: value}, "params.yaml:synth")
