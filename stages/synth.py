@@ -8,8 +8,20 @@ wall colour, brick or plaster, window grid), poles (vertical cylinders) along bo
 gradient. Frames are ray cast with torch on the device picked from `device`: analytic intersections,
 mip-mapped procedural noise textures, analytically box-filtered stripes, `supersample`^2 rays per pixel.
 
+`road` picks the layout; `straight` (the default) is the street above. `curve` bends it: its centre line is
+straight, then one circular arc of `curve_angle_deg` on `curve_radius_m` centred on the mapped stretch, then
+straight again. `junction` is a crossroads: the cameras drive straight, turn right by `turn_angle_deg` on
+`turn_radius_m` into the cross street and drive down it; the straight-on street and the cross street's left
+arm continue. A layout is built from centre lines of segments and arcs (`PlanCurve`) and roadside blocks: each
+kerb runs parallel to the road edge, round a junction's corners on arcs concentric with the turn, with the
+sidewalk, poles (placed by arc length) and a row of buildings behind it (facades: vertical planes and
+cylinders, so corner buildings are rounded). The ground stays the plane z = 0, shaded in the road coordinates
+(arc length along, offset across) of the street a point lies on; the world frame is the same as above (x
+forward at the first camera).
+
 A mapping camera drives +x in the right lane (gentle lateral sway and yaw); query cameras drive +x in the
-left lane at another speed and height, spread over the same stretch.
+left lane at another speed and height, spread over the same stretch. With turns, each keeps to its lane (an
+offset of the centre line) with the same sway and yaw about the lane's heading.
 
 Written to `--out` (data/raw/<scene>), the scene format of DESIGN.md:
 - `video.mp4` (H.264 yuv420p, frame i at time i / fps) or `images/000000.png ...` (param `output`);
@@ -21,10 +33,12 @@ Written to `--out` (data/raw/<scene>), the scene format of DESIGN.md:
   at the pixel centre, in millimetres; 0 = no surface (sky) or farther than 65.535 m;
 - `hdmap.geojson`: FeatureCollection in the world frame ([x, y, z] in metres, not WGS84): lane markings as
   LineStrings along the painted line's centre, `kind: lane_marking`, `type: solid` (one LineString per edge
-  line over the whole street) or `type: dashed` (one LineString per painted dash), `width` in metres;
-  poles as Points at their base centre, `kind: pole`, `height`, `radius`;
+  line over the whole street; with turns, one per roadside block, round its corner) or `type: dashed` (one
+  LineString per painted dash), `width` in metres; arcs as polylines within 1 mm of them (vertices at most
+  0.5 m apart); poles as Points at their base centre, `kind: pole`, `height`, `radius`;
 - `points.ply`: ground-truth surface samples (uniform per area, with colours and normals) on the ground,
-  facades and poles, from the first mapping camera to `points_ahead_m` past the last one.
+  facades and poles, from the first mapping camera to `points_ahead_m` past the last one (with turns: by
+  arc length along the centre line).
 
 Pixel convention is COLMAP's and nerfstudio's: pixel (col, row) covers [col, col+1) x [row, row+1), its
 centre is at (col + 0.5, row + 0.5), so cx = w / 2 and cy = h / 2.
@@ -155,7 +169,7 @@ class SynthParams:
     turn_angle_deg: float = 90.0
     """road: junction: heading change of the right turn into the cross street (90: a square crossroads)"""
     turn_radius_m: float = 12.0
-    """road: junction: radius of the turn at the road's centre line (the right lane turns on 12 - 1.75 m)"""
+    """road: junction: radius of the right turn at the road's centre line (each lane's: this plus its lane_y_m)"""
 
     def __post_init__(self) -> None:
         road = ROAD_HALF_WIDTH_M - abs(self.lateral_amplitude_m)
@@ -536,6 +550,25 @@ class Layout:
 
     def ground_valid(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Whether the ground at (x, y) belongs to the scene (the streets end where their facades do)."""
+        # Most points pass a cheap test that implies the full one: short of both end lines of the curve (its
+        # end pieces are segments), or nearer the junction's centre than its shortest arm is long.
+        if self.junction is None:
+            c = self.streets[0]
+            (xa, ya), (xb, yb) = c.point(c.s_start), c.end_point()
+            ha, hb = float(c.h0[0]), float(c.heading(c.s_end))
+            maybe_out = ((x - xa) * math.cos(ha) + (y - ya) * math.sin(ha) < 0) | \
+                ((x - xb) * math.cos(hb) + (y - yb) * math.sin(hb) > 0)
+        else:
+            j = self.junction
+            maybe_out = (x - j.cx) ** 2 + (y - j.cy) ** 2 > float(j.arm_length.min()) ** 2
+        valid = torch.ones_like(x, dtype=torch.bool)
+        idx = maybe_out.nonzero().squeeze(1)
+        if idx.numel():
+            valid[idx] = self._ground_valid(x[idx], y[idx])
+        return valid
+
+    def _ground_valid(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ground_valid by the street or arm that holds each point."""
         if self.junction is None:
             s = self.streets[0].project(x, y)["s"]
             return (s >= self.streets[0].s_start) & (s <= self.streets[0].s_end)
