@@ -264,7 +264,9 @@ class Street:
     pole_seam: np.ndarray | None = None  # per pole, the angle its texture's seam faces (None: +x)
 
     def dashes(self) -> list[tuple[float, float]]:
-        """[x0, x1] of each painted centre-line dash inside the street."""
+        """[x0, x1] of each painted centre-line dash inside the straight street (a layout: Layout.dashes)."""
+        if self.layout is not None:
+            raise ValueError("a layout's dashes lie along its streets: use street.layout.dashes()")
         period = DASH_M + GAP_M
         k0 = math.floor((self.x_min - self.dash_origin) / period)
         out = []
@@ -815,6 +817,8 @@ def trajectories(params: SynthParams, layout: Layout | None = None) -> tuple[lis
     rng = np.random.default_rng([params.seed, 2])
     ph = rng.uniform(0.0, 2 * math.pi, 4)
     yaw_amp, pitch = math.radians(params.yaw_amplitude_deg), math.radians(params.pitch_deg)
+    if layout is None and params.road != "straight":
+        layout = build_street(params).layout
     if layout is not None:
         return _layout_trajectories(params, layout.drive, ph)
 
