@@ -64,7 +64,7 @@ from stages.common.errors import StageError
 from stages.common.geometry import R_from_quat_wxyz, camera_center, quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
-from stages.common.scene import SceneSettings, read_scene_settings
+from stages.common.scene import SceneSettings, read_scene_settings, sequence_numbers
 
 log = logging.getLogger("scenepipe.sfm")
 
@@ -149,11 +149,13 @@ class SfmParams:
     """Gate, ordered captures: largest camera step over the median of its neighbouring steps."""
     gate_max_turn_deg: float = 25.0
     """Gate, ordered captures: largest rotation between consecutive frames (degrees)."""
-    gate_max_focal_disagreement: float = 0.03
-    """Gate, cross-check: largest relative difference of the two mappers' focal lengths."""
-    gate_max_rotation_disagreement_deg: float = 0.5
+    gate_max_focal_disagreement: float = 0.05
+    """Gate, cross-check: largest relative difference of the two mappers' focal lengths. The check model maps
+    half the frames, so it is the noisier one (0.5 deg, 1 % focal seen on right models): the thresholds are for
+    gross disagreement, as a wrong focal gives (18 % focal, 5 deg, a fifth of the path)."""
+    gate_max_rotation_disagreement_deg: float = 2.0
     """Gate, cross-check: largest median orientation difference between the two mappers (degrees)."""
-    gate_max_position_disagreement: float = 0.02
+    gate_max_position_disagreement: float = 0.05
     """Gate, cross-check: largest median camera-position difference, as a fraction of the path length."""
     camera_height_m: float = 1.6
     """Known camera height above the ground (metres) for metric scale; a scene's scene.yaml overrides it."""
@@ -240,6 +242,10 @@ class Frames:
     """Ingest judged the capture ordered (video, or image names that count up); sfm still checks overlap."""
     settings: SceneSettings = dataclasses.field(default_factory=SceneSettings)
     """The scene's scene.yaml, as ingest resolved it."""
+    position: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Image name -> position in the capture, in typical frame intervals (1.0 between neighbours): the counting
+    number of an image sequence or the keyframe ordinal of a video, so frames left out (held-out queries, a
+    numbering gap) are expected to be a longer step apart. Empty: consecutive names are one interval apart."""
 
     @property
     def focal_known(self) -> bool:
@@ -270,7 +276,25 @@ def read_frames(frames_dir: Path) -> Frames:
     intr = {g: (cams.get(g) or {}).get("intrinsics") for g in groups}
     is_video = ingest_metrics.get("source_kind") == "video"
     return Frames(frames_dir / "images", names, groups, intr, is_video, gt, bool(ingest_metrics.get("metric")),
-                  sequence=bool(ingest_metrics.get("sequence", is_video)), settings=read_scene_settings(frames_dir))
+                  sequence=bool(ingest_metrics.get("sequence", is_video)), settings=read_scene_settings(frames_dir),
+                  position=capture_positions(manifest, is_video))
+
+
+def capture_positions(manifest: pd.DataFrame, is_video: bool) -> dict[str, float]:
+    """Each mapping image's position in the capture, in median frame intervals (see Frames.position)."""
+    if is_video:  # keyframe ordinal: held-out query keyframes leave a gap
+        kept = manifest[manifest["split"].isin(["mapping", "query"])].sort_values("frame_index")
+        raw = {str(n).removeprefix("images/"): float(i) for i, (n, sp) in enumerate(zip(kept["name"], kept["split"]))
+               if sp == "mapping"}
+    else:
+        rows = manifest[manifest["split"] == "mapping"].sort_values("frame_index")
+        numbers = sequence_numbers([Path(str(s)).name for s in rows["source"]])
+        if numbers is None:
+            return {}
+        raw = {str(n).removeprefix("images/"): float(v) for n, v in zip(rows["name"], numbers)}
+    values = np.array(sorted(raw.values()))
+    gap = float(np.median(np.diff(values))) if len(values) > 1 else 1.0
+    return {n: v / gap for n, v in raw.items()} if gap > 0 else {}
 
 
 # ------------------------------------------------------------------------------------- pycolmap glue
@@ -559,22 +583,25 @@ def triangulation_angles_deg(rec: Any, seed: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def path_continuity(ims: list[Any]) -> dict:
-    """Step spikes and turns along an ordered capture's camera path.
+def path_continuity(ims: list[Any], position: dict[str, float] | None = None) -> dict:
+    """Step spikes and turns along an ordered capture's camera path, per frame interval.
 
     A step is compared with the median of the STEP_WINDOW steps on either side, floored at STEP_FLOOR of the
     path's median step: a model glued from pieces at different scales jumps at the seams, while a vehicle that
-    speeds up or slows down changes its step gradually.
+    speeds up or slows down changes its step gradually. Steps and turns are divided by the number of frame
+    intervals between the two images (`position`), so frames left out of the capture are no jump.
     """
     poses = [im.cam_from_world().matrix() for im in ims]
     centers = np.stack([camera_center(p) for p in poses])
-    steps = np.linalg.norm(np.diff(centers, axis=0), axis=1)
+    pos = position or {im.name: float(i) for i, im in enumerate(ims)}
+    gaps = np.array([max(pos[b.name] - pos[a.name], 1.0) for a, b in zip(ims, ims[1:])])
+    steps = np.linalg.norm(np.diff(centers, axis=0), axis=1) / gaps
     floor = STEP_FLOOR * max(float(np.median(steps)), 1e-12)
     spikes = []
     for i, s in enumerate(steps):
         nb = np.concatenate([steps[max(0, i - STEP_WINDOW):i], steps[i + 1:i + 1 + STEP_WINDOW]])
         spikes.append(s / max(float(np.median(nb)) if len(nb) else s, floor))
-    turns = [rotation_angle_deg(b[:3, :3] @ a[:3, :3].T) for a, b in zip(poses, poses[1:])]
+    turns = [rotation_angle_deg(b[:3, :3] @ a[:3, :3].T) / g for a, b, g in zip(poses, poses[1:], gaps)]
     worst = int(np.argmax(spikes))
     return {"step_ratio": float(spikes[worst]), "step_ratio_at": f"{ims[worst].name} -> {ims[worst + 1].name}",
             "max_turn_deg": float(max(turns))}
@@ -595,7 +622,8 @@ def model_numbers(rec: Any, frames: Frames, ordered: bool, seed: int) -> dict:
     angles = triangulation_angles_deg(rec, seed)
     out["triangulation_angle_deg_median"] = float(np.median(angles)) if len(angles) else 0.0
     if ordered and len(reg) >= 3:
-        out.update(path_continuity(reg))
+        # Unregistered frames between two registered ones count as intervals too.
+        out.update(path_continuity(reg, frames.position or {n: float(i) for i, n in enumerate(frames.names)}))
     return out
 
 
@@ -983,10 +1011,9 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                         numbers["cross_check"].update(compare_models(rec, other_rec, fr))
                 main_names = {im.name for im in rec.images.values() if im.has_pose}
                 # A second model only matters when it holds images the main one lacks (registered_ratio says so).
-                record.update(numbers, rejected=gate(numbers, params),
-                              other_models=[sorted(n for n in (im.name for im in r.images.values() if im.has_pose)
-                                                   if n not in main_names)
-                                            for r in models.values() if r is not rec])
+                extra = [sorted(im.name for im in r.images.values() if im.has_pose and im.name not in main_names)
+                         for r in models.values() if r is not rec]
+                record.update(numbers, rejected=gate(numbers, params), other_models=[m for m in extra if m])
                 score = (not record["rejected"], numbers["registered"], -len(record["rejected"]))
                 if best is None or score > best[2]:
                     best = (rec, record, score)

@@ -262,3 +262,11 @@ def test_malformed_scene_yaml_is_one_line_naming_file_and_key(tmp_path, text, ma
     with pytest.raises(StageError, match=match) as exc:
         read_scene_settings(tmp_path)
     assert "\n" not in str(exc.value) and str(exc.value).startswith(str(tmp_path / "scene.yaml"))
+
+
+def test_sequence_numbers_keep_the_gaps():
+    from stages.common.scene import sequence_numbers
+
+    assert sequence_numbers(["0054.png", "0072.png", "0073.png"]) == [54, 72, 73]
+    assert sequence_numbers(["img10.png", "img9.png", "img11.png"]) == [10, 9, 11]
+    assert sequence_numbers(["02928139_3448003521.jpg", "03903474_1471484089.jpg", "10265353_3838484249.jpg"]) is None

@@ -131,8 +131,8 @@ def test_health_gate_catches_wrong_models():
     assert any("field of view" in w for w in sfm.gate({**GOOD, "fov_deg": [170.0]}, p))
     assert any("jumps" in w for w in sfm.gate({**GOOD, "step_ratio": 12.0}, p))
     assert any("turns" in w for w in sfm.gate({**GOOD, "max_turn_deg": 40.0}, p))
-    disagree = {"mapper": "incremental", "shared_images": 40, "focal_rel": 0.15, "rotation_deg_median": 2.0,
-                "position_median_of_path": 0.1}
+    disagree = {"mapper": "incremental", "shared_images": 40, "focal_rel": 0.15, "rotation_deg_median": 5.0,
+                "position_median_of_path": 0.2}
     why = sfm.gate({**GOOD, "cross_check": disagree}, p)
     assert len(why) == 1 and "focal lengths 15.0% apart" in why[0] and "orientations" in why[0]
     agree = {**disagree, "focal_rel": 0.004, "rotation_deg_median": 0.05, "position_median_of_path": 0.002}
@@ -199,6 +199,13 @@ def test_path_continuity_flags_pieces_at_different_scales_not_speed_changes():
     assert sfm.path_continuity(_drive(np.cumsum(rng.uniform(0.7, 1.9, 40)).tolist()))["step_ratio"] < 4.0
     turn = sfm.path_continuity(_drive(list(range(10)), [0, 0, 0, 10, 20, 30, 40, 80, 90, 90]))
     assert turn["max_turn_deg"] == pytest.approx(40.0)
+    # frames 10..27 left out of the capture (held out as queries): an 18-interval step is no jump, nor its turn
+    xs = [float(i) for i in range(10)] + [float(i) for i in range(28, 38)]
+    ims = _drive(xs, [2.0 * x for x in xs])
+    position = {im.name: x for im, x in zip(ims, xs)}
+    gap = sfm.path_continuity(ims, position)
+    assert gap["step_ratio"] < 1.5 and gap["max_turn_deg"] == pytest.approx(2.0)
+    assert sfm.path_continuity(ims)["step_ratio"] > 4.0  # without the positions it would look like a jump
 
 
 def test_next_rung_fits_the_failure():
@@ -338,6 +345,8 @@ def test_real_scene_against_ground_truth(scene, tmp_path):
     res = sfm.run(sfm.SfmParams(), frames=tmp_path / "frames", out_dir=tmp_path / "sfm")
     m = res.metrics
     assert m["registered_ratio"] >= 0.95, m["attempts"]
+    # fox's images/ skips the 17 frames its queries/ holds: a numbering gap, not a jump of the camera
+    assert m["gate_passed"] and m["sequence"]["used"], m["gate_reasons"]
     assert m["rotation_error_deg_median"] <= 0.2, m
     if scene == "kitti06":  # metric ground truth: the camera-height scale lands within a few percent
         assert m["scale_vs_gt"] == pytest.approx(1.0, abs=0.1)

@@ -276,6 +276,18 @@ def sequence_order(names: Sequence[str]) -> list[int] | None:
     return sorted(range(len(names)), key=values.__getitem__)
 
 
+def sequence_numbers(names: Sequence[str]) -> list[int] | None:
+    """The counting integer of each name (in the given order) when the names form a sequence, else None.
+
+    Gaps in the numbers are gaps in the capture (frames left out), which a camera-path check must allow for.
+    """
+    if sequence_order(names) is None:
+        return None
+    tokens = [_name_tokens(n) for n in names]
+    k = next(k for k in range(1, len(tokens[0]), 2) if any(t[k] != tokens[0][k] for t in tokens))
+    return [int(t[k]) for t in tokens]
+
+
 @dataclasses.dataclass(frozen=True)
 class SceneInputs:
     """What a scene folder holds; `images` in capture order when they are a sequence, else by name."""
