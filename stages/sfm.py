@@ -149,10 +149,11 @@ class SfmParams:
     """Gate, ordered captures: largest camera step over the median of its neighbouring steps."""
     gate_max_turn_deg: float = 25.0
     """Gate, ordered captures: largest rotation between consecutive frames (degrees)."""
-    gate_max_focal_disagreement: float = 0.05
+    gate_max_focal_disagreement: float = 0.10
     """Gate, cross-check: largest relative difference of the two mappers' focal lengths. The check model maps
-    half the frames, so it is the noisier one (0.5 deg, 1 % focal seen on right models): the thresholds are for
-    gross disagreement, as a wrong focal gives (18 % focal, 5 deg, a fifth of the path)."""
+    half the frames, so it is the noisier one (0.5 deg, 1-5 % focal seen on right models of straight drives,
+    where the focal is weakly observed and barely moves the poses): the thresholds are for gross disagreement,
+    as a wrong focal gives (18 % focal, 5 deg, a fifth of the path)."""
     gate_max_rotation_disagreement_deg: float = 2.0
     """Gate, cross-check: largest median orientation difference between the two mappers (degrees)."""
     gate_max_position_disagreement: float = 0.05
@@ -204,6 +205,8 @@ class Attempt:
     overlap: int
     neighbors: int
     mapper: str
+    cross_subset: bool = True
+    """The cross-check maps every other frame (cheap); a rung after a disagreement maps them all."""
 
     @property
     def matches_key(self) -> tuple:
@@ -705,8 +708,9 @@ def next_rung(frames: Frames, params: SfmParams, ordered: bool, done: list[Attem
               mapped: set[tuple]) -> Attempt | None:
     """The next rung of the ladder for the last attempt's rejection reasons, or None when no rung is left.
 
-    Each rung changes something for the input at hand: a geometric failure (camera path, focal length, mapper
-    disagreement) first tries the other mapper on the same matches; too few registered images or short tracks
+    Each rung changes something for the input at hand: a disagreement with the half-frame cross-check first
+    repeats the check on every frame (same matches, same model); a geometric failure (camera path, focal
+    length, mapper disagreement) first tries the other mapper on the same matches; too few registered images or short tracks
     first try more features and wider matching; another matcher is only tried where it adds pairs (retrieval
     pairs are a subset of an exhaustive set's). `mapped` holds (matches_key, mapper) already run, so a
     cross-check's model is not tried again as a rung.
@@ -731,6 +735,10 @@ def next_rung(frames: Frames, params: SfmParams, ordered: bool, done: list[Attem
         "more_features": Attempt("more_features", f, True, first, o, k, last.mapper),
         "other_matcher": Attempt("other_matcher", f, True, other_matcher, o, k, last.mapper) if other_matcher else None,
     }
+    if any(r.startswith("cross-check") for r in why) and last.cross_subset and n >= 2 * CROSS_CHECK_MIN_IMAGES \
+            and "full_cross_check" not in {a.name for a in done}:
+        # The check model saw half the frames; before spending on more features, let it see them all.
+        return dataclasses.replace(last, name="full_cross_check", cross_subset=False)
     geometric = any(r.startswith(g) for r in why for g in GEOMETRIC)
     order = ["other_mapper", "more_features", "other_matcher"] if geometric else [
         "more_features", "other_matcher", "other_mapper"]
@@ -1005,7 +1013,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                     numbers["cross_check"] = {"mapper": other if att.mapper == params.mapper else params.mapper}
                     # Every other frame: consecutive frames still share matches (overlap >= 2), and the other
                     # mapper costs a fraction of a full run; a wrong focal or scale shows on half the frames too.
-                    subset = fr.names[::2] if len(fr.names) >= 2 * CROSS_CHECK_MIN_IMAGES else None
+                    subset = fr.names[::2] if att.cross_subset and len(fr.names) >= 2 * CROSS_CHECK_MIN_IMAGES else None
                     other_rec = _largest(work.map(att, numbers["cross_check"]["mapper"], subset))
                     if other_rec is not None:
                         numbers["cross_check"].update(compare_models(rec, other_rec, fr))

@@ -224,9 +224,13 @@ def test_next_rung_fits_the_failure():
     more = sfm.next_rung(images, p, False, [ex], ["registered 50% < 95%"], set())
     last = sfm.next_rung(images, p, False, [ex, more], ["registered 50% < 95%"], set())
     assert last.name == "other_mapper" and sfm.next_rung(images, p, False, [ex, more, last], ["x"], set()) is None
+    # a disagreement with the half-frame cross-check first repeats the check on every frame, same matches
+    rung = sfm.next_rung(video, p, True, [base], ["cross-check: the incremental mapper disagrees (...)"], set())
+    assert rung.name == "full_cross_check" and not rung.cross_subset and rung.matches_key == base.matches_key
     # a model the cross-check already computed is not tried again as a rung
-    assert sfm.next_rung(video, p, True, [base], ["cross-check: ..."], {(base.matches_key, "incremental")}).name \
-        == "more_features"
+    full = dataclasses.replace(base, name="full_cross_check", cross_subset=False)
+    assert sfm.next_rung(video, p, True, [base, full], ["cross-check: ..."],
+                         {(base.matches_key, "incremental")}).name == "more_features"
     many = sfm.Frames(Path("."), [f"{i}.png" for i in range(200)], {}, {}, False, {}, False)
     assert sfm.first_matcher(many, p, False) == "retrieval" and sfm.first_matcher(video, p, True) == "sequential"
 
