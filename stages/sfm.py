@@ -149,14 +149,13 @@ class SfmParams:
     """Gate, ordered captures: largest camera step over the median of its neighbouring steps."""
     gate_max_turn_deg: float = 25.0
     """Gate, ordered captures: largest rotation between consecutive frames (degrees)."""
-    gate_max_focal_disagreement: float = 0.10
-    """Gate, cross-check: largest relative difference of the two mappers' focal lengths. The check model maps
-    half the frames, so it is the noisier one (0.5 deg, 1-5 % focal seen on right models of straight drives,
-    where the focal is weakly observed and barely moves the poses): the thresholds are for gross disagreement,
-    as a wrong focal gives (18 % focal, 5 deg, a fifth of the path)."""
-    gate_max_rotation_disagreement_deg: float = 2.0
-    """Gate, cross-check: largest median orientation difference between the two mappers (degrees)."""
-    gate_max_position_disagreement: float = 0.05
+    gate_max_focal_disagreement: float = 0.03
+    """Gate, cross-check: largest relative difference of the two mappers' focal lengths."""
+    gate_max_rotation_disagreement_deg: float = 0.3
+    """Gate, cross-check: largest median orientation difference between the two mappers (degrees). Two models
+    this far apart mean one is off by more than the 0.1-0.2 deg a right model reaches. The first check maps half
+    the frames (cheap, noisier); on a disagreement the ladder repeats it on every frame before anything else."""
+    gate_max_position_disagreement: float = 0.02
     """Gate, cross-check: largest median camera-position difference, as a fraction of the path length."""
     camera_height_m: float = 1.6
     """Known camera height above the ground (metres) for metric scale; a scene's scene.yaml overrides it."""
