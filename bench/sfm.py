@@ -95,8 +95,8 @@ GT_MIN_TRACK = 3
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def synth_params(scene: str) -> SynthParams | str:
-    """params.yaml's synth section with `scene`'s changes; a reason string if synth cannot make it."""
+def synth_params(scene: str) -> SynthParams:
+    """params.yaml's synth section with `scene`'s changes."""
     params = load_section(PARAMS, "synth", SynthParams)
     base = scene.removesuffix(NOFOCAL)
     if base == "street_images":
@@ -104,8 +104,6 @@ def synth_params(scene: str) -> SynthParams | str:
     if base == "street_long":
         return dataclasses.replace(params, n_frames=STREET_LONG_FRAMES)
     if base == "synth_turn":
-        if "road" not in {f.name for f in dataclasses.fields(SynthParams)}:
-            return "synth has no road param"
         return dataclasses.replace(params, road="junction")
     return params
 
@@ -147,8 +145,6 @@ def make_inputs(scene: str, tmp: Path) -> tuple[Path, dict] | str:
     info: dict = {}
     if scene in SYNTH_SCENES:
         params = synth_params(scene)
-        if isinstance(params, str):
-            return params
         scene_dir = tmp / "raw" / scene
         synth_run(params, out_dir=scene_dir)
         if params.n_frames > ingest_params.max_frames:

@@ -928,12 +928,13 @@ class _Work:
     def __init__(self, root: Path, frames: Frames, params: SfmParams):
         self.root, self.frames, self.params = root, frames, params
         self.features: dict[tuple, Path] = {}
-        self.matched: dict[tuple, tuple[Path, int]] = {}
+        self.matched: dict[tuple, tuple[Path, int, dict]] = {}
         self.models: dict[tuple, dict[int, Any]] = {}
         self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0}
 
-    def database(self, att: Attempt) -> tuple[Path, int]:
-        """A database holding the attempt's features and verified matches, and the number of pairs tried."""
+    def database(self, att: Attempt) -> tuple[Path, int, dict]:
+        """A database holding the attempt's features and verified matches, the number of pairs tried, and the
+        verified two-view geometries (read once, shared by the rungs that reuse these matches)."""
         if att.matches_key not in self.matched:
             fkey = (att.max_num_features, att.upsample)
             t0 = time.perf_counter()
@@ -950,14 +951,14 @@ class _Work:
             log.info("matching: %s%s", att.matcher, f" (overlap {att.overlap})" if att.matcher == "sequential" else "")
             n_pairs = match(db, self.root, self.frames, self.params, att)
             self.seconds["matching"] += time.perf_counter() - t1
-            self.matched[att.matches_key] = (db, n_pairs)
+            self.matched[att.matches_key] = (db, n_pairs, verified_pairs(db))
         return self.matched[att.matches_key]
 
     def map(self, att: Attempt, mapper: str, image_names: list[str] | None = None) -> dict[int, Any]:
         """The models of `mapper` on the attempt's matches (on `image_names` only, when given)."""
         key = (att.matches_key, mapper, len(image_names or []))
         if key not in self.models:
-            db, _ = self.database(att)
+            db = self.database(att)[0]
             t0 = time.perf_counter()
             log.info("mapping: %s mapper%s", mapper, f" on {len(image_names)} images" if image_names else "")
             self.models[key] = map_images(db, self.frames, self.params, mapper, self.root / f"map_{len(self.models)}",
@@ -992,8 +993,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                                       params.sequential_overlap, params.retrieval_neighbors, params.mapper)
         while att is not None:
             t0 = time.perf_counter()
-            db, n_pairs = work.database(att)
-            geoms = verified_pairs(db)
+            _, n_pairs, geoms = work.database(att)
             if not done and att.matcher == "sequential" and ordered and params.matcher == "auto":
                 sequence["consecutive_overlap"] = consecutive_overlap(fr.names, geoms)
                 if sequence["consecutive_overlap"] < MIN_SEQUENCE_OVERLAP:
@@ -1033,7 +1033,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                      record.get("registered", 0), len(fr.names), "; ".join(record["rejected"]) or "passed the health gate")
             if not record["rejected"]:
                 break
-            mapped = {k[:2] for k in work.models} if cross else {(a.matches_key, a.mapper) for a in done}
+            mapped = {k[:2] for k in work.models}  # (matches, mapper) of every model built so far
             att = next_rung(fr, params, ordered, done, record["rejected"], mapped)
         if best is None:
             raise StageError(_no_model_message(fr, attempts, frames))

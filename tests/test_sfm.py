@@ -14,6 +14,7 @@ from PIL import Image
 
 from stages import sfm
 from stages.common.errors import StageError
+from stages.common.scene import INTRINSIC_KEYS
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.synth import Renderer, SynthParams, _pose, build_street, intrinsics
@@ -362,7 +363,7 @@ def _without_intrinsics(src: Path, dst: Path) -> Path:
     (dst / "images").symlink_to(src / "images")
     data = json.loads((src / "transforms.json").read_text())
     for d in [data, *data["frames"]]:
-        for k in ("camera_model", "fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k2", "p1", "p2"):
+        for k in INTRINSIC_KEYS:
             d.pop(k, None)
     (dst / "transforms.json").write_text(json.dumps(data))
     return dst

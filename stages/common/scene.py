@@ -251,13 +251,14 @@ def natural_key(name: str) -> tuple:
     return tuple(int(t) if i % 2 else t for i, t in enumerate(_name_tokens(name)))
 
 
-def sequence_order(names: Sequence[str]) -> list[int] | None:
-    """Capture order (indices into `names`) when the names count up in one integer field, else None.
+def sequence_numbers(names: Sequence[str]) -> list[int] | None:
+    """The counting integer of each name (in the given order) when the names form a sequence, else None.
 
     Sequence: the same text around one digit run that differs between files (000000.png, 000001.png;
     frame_0001.jpg; IMG_1234.JPG; img9.png, img10.png), gaps allowed. Not a sequence: fewer than
     MIN_SEQUENCE_FILES names, no digits, different text or extensions, two digit runs that vary
     (Flickr ids `02928139_3448003521.jpg`), or two names with the same number (img1.png, img01.png).
+    Gaps in the numbers are gaps in the capture (frames left out), which a camera-path check must allow for.
     """
     if len(names) < MIN_SEQUENCE_FILES:
         return None
@@ -271,21 +272,13 @@ def sequence_order(names: Sequence[str]) -> list[int] | None:
     if len(varying) != 1:
         return None
     values = [int(t[varying[0]]) for t in tokens]
-    if len(set(values)) != len(values):
-        return None
-    return sorted(range(len(names)), key=values.__getitem__)
+    return values if len(set(values)) == len(values) else None
 
 
-def sequence_numbers(names: Sequence[str]) -> list[int] | None:
-    """The counting integer of each name (in the given order) when the names form a sequence, else None.
-
-    Gaps in the numbers are gaps in the capture (frames left out), which a camera-path check must allow for.
-    """
-    if sequence_order(names) is None:
-        return None
-    tokens = [_name_tokens(n) for n in names]
-    k = next(k for k in range(1, len(tokens[0]), 2) if any(t[k] != tokens[0][k] for t in tokens))
-    return [int(t[k]) for t in tokens]
+def sequence_order(names: Sequence[str]) -> list[int] | None:
+    """Capture order (indices into `names`) when the names count up in one integer field, else None."""
+    values = sequence_numbers(names)
+    return None if values is None else sorted(range(len(names)), key=values.__getitem__)
 
 
 @dataclasses.dataclass(frozen=True)
