@@ -15,7 +15,7 @@ Then, in this one process and on the same mapping frames:
     each image its own SIMPLE_RADIAL camera with a focal guess, no known intrinsics; match_exhaustive;
     incremental_mapping), keeping the model with the most registered images.
 Both are evaluated by the same code: registered mapping frames / mapping frames, mean reprojection error,
-and pose errors against the manifest's ground truth after a Sim3 alignment (stages.common.align). Ours is
+and pose errors against ingest's ground truth after a Sim3 alignment (stages.common.align). Ours is
 reported from the stage's metrics and re-evaluated here from its written model as a cross-check.
 
 Per scene, ours' verdict: "right" (rotation median <= 0.2 deg on real scenes, 0.1 deg on synthetic ones, and
@@ -44,16 +44,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pycolmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.common.align import pose_errors  # noqa: E402
+from stages.common.artifacts import Frames, evaluate_poses, read_ingest, read_sfm  # noqa: E402
 from stages.common.cli import setup_logging  # noqa: E402
-from stages.common.geometry import R_from_quat_wxyz  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
+from stages.common.scene import INTRINSIC_KEYS  # noqa: E402
 from stages.ingest import IngestParams  # noqa: E402
 from stages.ingest import run as ingest_run  # noqa: E402
 from stages.sfm import SfmParams  # noqa: E402
@@ -74,8 +73,6 @@ SCENES = SYNTH_SCENES + REAL_SCENES
 # Scenes whose verdict stability is checked by running ours `--runs` times.
 REPEATED_SCENES = ("apple", "sacre_coeur")
 NOFOCAL = "_nofocal"
-# transforms.json keys that are intrinsics, removed (top level and per frame) for a _nofocal scene.
-INTRINSIC_KEYS = ("camera_model", "fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k2", "p1", "p2")
 STREET_LONG_FRAMES, STREET_LONG_MAX_FRAMES = 320, 400
 # Numbers the stage reports and the benchmark recomputes from the stage's model.
 CROSSCHECKED = ("registered_ratio", "reprojection_error_px", "rotation_error_deg_median",
@@ -167,60 +164,22 @@ def make_inputs(scene: str, tmp: Path) -> tuple[Path, dict] | str:
     return ingest_run(ingest_params, scene_dir=scene_dir, out_dir=tmp / "ingest" / scene).out_dir, info
 
 
-def mapping_frames(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The manifest's mapping rows."""
-    return manifest[manifest["split"] == "mapping"]
-
-
-def ground_truth(manifest: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Ground-truth cam_from_world (3x4) of each mapping frame that has one, by manifest name."""
-    rows = mapping_frames(manifest)
-    q_N4 = rows[["gt_qw", "gt_qx", "gt_qy", "gt_qz"]].to_numpy(float)
-    t_N3 = rows[["gt_tx", "gt_ty", "gt_tz"]].to_numpy(float)
-    return {name: np.concatenate([R_from_quat_wxyz(q), t[:, None]], axis=1)
-            for name, q, t in zip(rows["name"], q_N4, t_N3) if np.isfinite(q).all() and np.isfinite(t).all()}
-
-
-# --------------------------------------------------------------------------------------- evaluation
-
-
-def manifest_name(image_name: str, names: set[str]) -> str | None:
-    """The manifest name of a model image named relative to the ingest folder or to its images/."""
-    for candidate in (image_name, f"images/{image_name}"):
-        if candidate in names:
-            return candidate
-    return None
-
-
-def evaluate(rec: pycolmap.Reconstruction, manifest: pd.DataFrame) -> dict:
+def evaluate(rec: pycolmap.Reconstruction, frames: Frames) -> dict:
     """Registered ratio, reprojection error and Sim3-aligned pose errors of a model's mapping frames."""
-    order = {name: i for i, name in enumerate(mapping_frames(manifest)["name"])}
-    names = set(order)
-    gt = ground_truth(manifest)
-    est_by_name = {}
-    for image_id in rec.reg_image_ids():
-        image = rec.image(image_id)
-        name = manifest_name(image.name, names)
-        if name is not None:  # else a query frame or a file the manifest does not know: not a mapping frame
-            est_by_name[name] = image.cam_from_world().matrix()
-    registered = len(est_by_name)
-    # Frame order, not the model's image order: pose_errors measures the trajectory length along the list.
-    evaluated = sorted((name for name in est_by_name if name in gt), key=order.__getitem__)
-    est = [est_by_name[name] for name in evaluated]
-    ref = [gt[name] for name in evaluated]
+    mapping = set(frames.names)
+    est = {im.name: im.cam_from_world().matrix() for im in rec.images.values() if im.has_pose and im.name in mapping}
+    errors, _, _ = evaluate_poses(est, frames)
     out = {
-        "registered": registered,
-        "registered_ratio": registered / len(names) if names else math.nan,
+        "registered": len(est),
+        "registered_ratio": len(est) / len(mapping) if mapping else math.nan,
         "reprojection_error_px": float(rec.compute_mean_reprojection_error()),
         "points3D": rec.num_points3D(),
         "cameras": rec.num_cameras(),
-        "evaluated_images": len(est),
+        "evaluated_images": errors.get("evaluated_images", 0),
+        **errors,
     }
-    if len(est) >= 2:
-        errors = pose_errors(est, ref)
-        out.update({k: v for k, v in errors.items() if not k.startswith("per_image")})
-    else:
-        out["pose_errors_skipped"] = f"{len(est)} registered mapping frame(s) with ground truth; a Sim3 needs 2"
+    if not errors:
+        out["pose_errors_skipped"] = "fewer than 3 registered mapping frames with ground truth"
     return out
 
 
@@ -253,21 +212,18 @@ def _triangulate_and_reproject(P_O34: np.ndarray, uv_O2: np.ndarray, track_O: np
             "observations_behind_or_at_infinity": int((~ok_O).sum())}
 
 
-def gt_consistency(rec: pycolmap.Reconstruction, manifest: pd.DataFrame) -> dict:
+def gt_consistency(rec: pycolmap.Reconstruction, frames: Frames) -> dict:
     """Re-triangulate the model's tracks (>= GT_MIN_TRACK observations in images with ground truth) with (a) the
     model's poses and (b) the ground-truth poses, both through the model's cameras; reprojection errors of each.
 
     Reprojection error does not depend on the world frame or scale, so the ground-truth poses need no alignment.
     """
     t0 = time.perf_counter()
-    names = set(mapping_frames(manifest)["name"])
-    gt = ground_truth(manifest)
     ours_P, gt_P, cam_of = {}, {}, {}
     for image_id in rec.reg_image_ids():
         image = rec.image(image_id)
-        name = manifest_name(image.name, names)
-        if name in gt:
-            ours_P[image_id], gt_P[image_id] = image.cam_from_world().matrix(), gt[name]
+        if image.name in frames.gt:
+            ours_P[image_id], gt_P[image_id] = image.cam_from_world().matrix(), frames.gt[image.name]
             cam_of[image_id] = image.camera_id
     if len(ours_P) < 2:
         return {"skipped": f"{len(ours_P)} registered image(s) with ground truth"}
@@ -309,7 +265,7 @@ def no_model(n_frames: int, reason: str) -> dict:
 # ------------------------------------------------------------------------------------------- the runs
 
 
-def run_ours(ingest_dir: Path, out_dir: Path, manifest: pd.DataFrame) -> dict:
+def run_ours(ingest_dir: Path, out_dir: Path, frames: Frames) -> dict:
     """Run the sfm stage, time it, report its metrics and cross-check them against this benchmark's."""
     params = load_section(PARAMS, "sfm", SfmParams)
     t0 = time.perf_counter()
@@ -325,23 +281,24 @@ def run_ours(ingest_dir: Path, out_dir: Path, manifest: pd.DataFrame) -> dict:
             "scale_confidence": (metrics.get("gravity_scale") or {}).get("scale_confidence"),
             "seconds_per_phase": metrics.get("seconds_per_phase"),
             "models": metrics.get("models", 1), "attempts": metrics.get("attempts")}
-    rec = pycolmap.Reconstruction(out_dir / "model")
-    ours["poses"] = {rec.image(i).name: rec.image(i).cam_from_world().matrix() for i in rec.reg_image_ids()}
-    mine = evaluate(rec, manifest)
+    model = read_sfm(out_dir)
+    rec = model.reconstruction()
+    ours["poses"] = model.poses
+    mine = evaluate(rec, frames)
     disagree = {k: {"stage": metrics.get(k), "bench": mine.get(k)} for k in CROSSCHECKED
                 if not _close(metrics.get(k), mine.get(k))}
     ours["crosscheck"] = {"agrees": not disagree, "tolerance": CROSSCHECK_TOL, "disagreements": disagree,
                           "bench": mine}
-    if ground_truth(manifest):
-        ours["gt_consistency"] = gt_consistency(rec, manifest)
+    if frames.gt:
+        ours["gt_consistency"] = gt_consistency(rec, frames)
     return ours
 
 
-def run_ours_repeated(ingest_dir: Path, out_dir: Path, manifest: pd.DataFrame, runs: int) -> tuple[dict, dict]:
+def run_ours_repeated(ingest_dir: Path, out_dir: Path, frames: Frames, runs: int) -> tuple[dict, dict]:
     """Run ours `runs` times (the first is the reported one); each run's verdict-relevant numbers, and stability."""
     results = []
     for k in range(runs):
-        results.append(run_ours(ingest_dir, out_dir.with_name(f"{out_dir.name}_run{k}"), manifest))
+        results.append(run_ours(ingest_dir, out_dir.with_name(f"{out_dir.name}_run{k}"), frames))
         print(f"  run {k + 1}/{runs}: {results[-1]['seconds']:.1f} s, gate_passed {results[-1]['gate_passed']}",
               flush=True)
     first = results[0]
@@ -372,10 +329,9 @@ def _close(a: float | None, b: float | None) -> bool:
     return abs(a - b) <= CROSSCHECK_TOL
 
 
-def run_baseline(ingest_dir: Path, work: Path, manifest: pd.DataFrame) -> dict:
+def run_baseline(ingest_dir: Path, work: Path, frames: Frames) -> dict:
     """Plain pycolmap with default options on the mapping frames; the largest model, evaluated."""
-    image_dir = ingest_dir / "images"
-    image_names = [n.removeprefix("images/") for n in mapping_frames(manifest)["name"]]
+    image_dir, image_names = frames.image_dir, frames.names
     work.mkdir(parents=True)
     database, sparse = work / "database.db", work / "sparse"
     sparse.mkdir()
@@ -391,7 +347,7 @@ def run_baseline(ingest_dir: Path, work: Path, manifest: pd.DataFrame) -> dict:
     if not models:
         return {**timing, **no_model(len(image_names), "incremental_mapping returned no model")}
     largest = max(models.values(), key=lambda rec: rec.num_reg_images())
-    return {**timing, **evaluate(largest, manifest)}
+    return {**timing, **evaluate(largest, frames)}
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -508,19 +464,19 @@ def bench_scene(scene: str, tmp: Path, skip_baseline: bool, runs: int) -> dict:
         print(f"[{scene}] skipped: {made}", flush=True)
         return {"skipped": made}
     ingest_dir, info = made
-    manifest = pd.read_csv(ingest_dir / "manifest.csv")
-    n_frames = len(mapping_frames(manifest))
-    has_gt = bool(ground_truth(manifest))
+    frames = read_ingest(ingest_dir)
+    n_frames = len(frames.names)
+    has_gt = bool(frames.gt)
     print(f"[{scene}] inputs ready in {time.perf_counter() - t0:.1f} s: {n_frames} mapping frames, "
-          f"{len(ground_truth(manifest))} with ground truth", flush=True)
+          f"{len(frames.gt)} with ground truth", flush=True)
     out: dict = {"frames": n_frames, **info}
     if scene in REPEATED_SCENES:
         print(f"[{scene}] ours: stages.sfm.run, {runs} run(s)", flush=True)
-        out["ours"], stability = run_ours_repeated(ingest_dir, tmp / "sfm" / scene, manifest, max(runs, 1))
+        out["ours"], stability = run_ours_repeated(ingest_dir, tmp / "sfm" / scene, frames, max(runs, 1))
         out["ours"]["stability"] = stability
     else:
         print(f"[{scene}] ours: stages.sfm.run", flush=True)
-        out["ours"] = run_ours(ingest_dir, tmp / "sfm" / scene, manifest)
+        out["ours"] = run_ours(ingest_dir, tmp / "sfm" / scene, frames)
     out["ours"].pop("poses")
     if "fov_true_deg" in info:
         out["ours"]["fov_true_deg"] = info["fov_true_deg"]
@@ -533,7 +489,7 @@ def bench_scene(scene: str, tmp: Path, skip_baseline: bool, runs: int) -> dict:
     elif not skip_baseline:
         print(f"[{scene}] baseline: plain pycolmap (extract_features, match_exhaustive, incremental_mapping)",
               flush=True)
-        out["baseline"] = run_baseline(ingest_dir, tmp / "baseline" / scene, manifest)
+        out["baseline"] = run_baseline(ingest_dir, tmp / "baseline" / scene, frames)
         print(f"[{scene}] baseline took {out['baseline']['seconds']:.1f} s", flush=True)
         time_ratio = out["ours"]["seconds"] / out["baseline"]["seconds"]
     out["time_ratio"] = time_ratio

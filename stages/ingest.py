@@ -33,11 +33,14 @@ above the road; null = sfm.camera_height_m), `metric_scale` (auto | camera_heigh
 A malformed scene.yaml is an error naming the key. Ingest writes the settings, every key with nulls, to
 `scene.yaml` in --out, where later stages read them (stages.common.scene.read_scene_settings).
 
-Ground truth from transforms.json is carried for evaluation only: poses into the manifest (COLMAP
-cam_from_world), intrinsics scaled to the output size into cameras.json, `metric` into metrics.json.
+Ground truth from transforms.json is carried for evaluation only: poses into the manifest (cam_from_world
+columns `gt_cam_from_world_*`), intrinsics scaled to the output size into cameras.json, `metric` into
+capture.json.
 
-Outputs in --out: images/ and queries/ (frames), manifest.csv (one row per decoded video frame or input
-file, quarantined ones included), cameras.json (per camera group), scene.yaml, metrics.json.
+Outputs in --out (layout owned by stages.common.artifacts): images/ and queries/ (frames), manifest.csv (one
+row per decoded video frame or input file, quarantined ones included; `name` is relative to --out),
+cameras.json (per camera group), capture.json (source kind, whether it is a sequence, whether ground truth is
+metric), scene.yaml, metrics.json.
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from stages.common.artifacts import GT_PREFIX, Capture, pose_columns, pose_record, write_ingest
 from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
-from stages.common.geometry import quat_wxyz_from_R
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
 from stages.common.scene import (
@@ -72,7 +75,6 @@ from stages.common.scene import (
     norm_rel,
     read_scene_settings,
     read_transforms,
-    write_scene_settings,
 )
 
 log = logging.getLogger("scenepipe.ingest")
@@ -119,12 +121,12 @@ class IngestParams:
 
 
 INPUTS = {"scene": "scene folder: images/ or one video, optional queries/, transforms.json and scene.yaml"}
-OUTPUTS = {"out": "output folder: images/, queries/, manifest.csv, cameras.json, scene.yaml, metrics.json"}
+OUTPUTS = {"out": "output folder: images/, queries/, manifest.csv, cameras.json, scene.yaml, capture.json, "
+                  "metrics.json"}
 
 MANIFEST_COLUMNS = [
     "name", "source", "frame_index", "timestamp", "split", "reason", "sharpness", "sharpness_rel", "motion_px",
-    "camera", "width", "height", "src_width", "src_height", "make", "model",
-    "gt_qw", "gt_qx", "gt_qy", "gt_qz", "gt_tx", "gt_ty", "gt_tz",
+    "camera", "width", "height", "src_width", "src_height", "make", "model", *pose_columns(GT_PREFIX),
 ]
 JPEG_QUALITY = 95
 # Relative sharpness compares a frame with the median of this many frames on each side.
@@ -529,14 +531,9 @@ class _Row:
         return self.split in ("mapping", "query")
 
     def record(self) -> dict:
-        """The manifest row: the columns of MANIFEST_COLUMNS, ground truth as quaternion + translation."""
-        q, t = [math.nan] * 4, [math.nan] * 3
-        if self.cam_from_world_34 is not None:
-            q, t = quat_wxyz_from_R(self.cam_from_world_34[:3, :3]).tolist(), self.cam_from_world_34[:3, 3].tolist()
-        rec = {c: getattr(self, c) for c in MANIFEST_COLUMNS if not c.startswith("gt_")}
-        rec.update(zip(("gt_qw", "gt_qx", "gt_qy", "gt_qz"), q, strict=True))
-        rec.update(zip(("gt_tx", "gt_ty", "gt_tz"), t, strict=True))
-        return rec
+        """The manifest row: the columns of MANIFEST_COLUMNS, ground truth as a cam_from_world pose."""
+        return {**{c: getattr(self, c) for c in MANIFEST_COLUMNS if not c.startswith(GT_PREFIX)},
+                **pose_record(GT_PREFIX, self.cam_from_world_34)}
 
 
 def _quarantine(row: _Row, reason: str) -> None:
@@ -869,18 +866,17 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
         facts["warnings"] = warnings + facts["warnings"]
         rows += _ingest_files(inputs.queries, split="query", hold_out=0, seen=seen, **common)
         _check_enough(rows, params, scene_dir, inputs.video)
-        write_scene_settings(tmp, settings)
         _checked_intrinsics(rows)
         cameras = _group_cameras(rows)
-
         manifest = _manifest(rows)
-        manifest.to_csv(tmp / "manifest.csv", index=False)
-        write_json(tmp / "cameras.json", cameras)
+        capture = Capture("video" if inputs.video is not None else "images", inputs.sequence, inputs.sequence_from,
+                          transforms.metric if transforms else None)
+        write_ingest(tmp, manifest, cameras, capture, settings)
         split = Counter(r.split for r in rows)
         metrics = {
-            "source_kind": "video" if inputs.video is not None else "images",
-            "sequence": inputs.sequence,
-            "sequence_from": inputs.sequence_from,
+            "source_kind": capture.source_kind,
+            "sequence": capture.sequence,
+            "sequence_from": capture.sequence_from,
             "frames_in": sum(not r.source.startswith("queries/") for r in rows),
             "queries_in": len(inputs.queries),
             "frames_kept": split["mapping"] + split["query"],
@@ -889,8 +885,8 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
             "mapping_frames": split["mapping"],
             "query_frames": split["query"],
             "camera_groups": len(cameras),
+            "metric": capture.metric,
             "gt_poses": int(sum(r.written and r.cam_from_world_34 is not None for r in rows)),
-            "metric": transforms.metric if transforms else None,
             **facts,
             "seconds": round(time.perf_counter() - t0, 3),
         }

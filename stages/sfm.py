@@ -36,13 +36,15 @@ from the camera orientations.
 Runs are deterministic: RANSAC, the mappers and retrieval are seeded from `seed`, pairs are sorted. COLMAP's
 own log is quiet unless `verbose: true`.
 
-Outputs in --out: model/ (COLMAP binary), poses.csv, sparse.ply, metrics.json.
+Outputs in --out (layout owned by stages.common.artifacts): model/ (COLMAP binary; image names relative to
+the ingest folder, as in its manifest), poses.csv (cam_from_world per mapping image, with the reason for
+any left unregistered), sparse.ply, alignment.json (the gravity/scale transform applied to the mapper's model
+and the Sim3 to ground truth), per_image.csv (reprojection and pose errors per frame), metrics.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -54,23 +56,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pycolmap
 from scipy.cluster.vq import kmeans2
 
-from stages.common.align import pose_errors, rotation_angle_deg
+from stages.common.align import Sim3, pose_errors, rotation_angle_deg
+from stages.common.artifacts import Alignment, Frames, evaluate_poses, read_ingest, write_sfm
 from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
-from stages.common.geometry import R_from_quat_wxyz, camera_center, quat_wxyz_from_R
+from stages.common.geometry import camera_center
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
-from stages.common.scene import SceneSettings, read_scene_settings, sequence_numbers
+from stages.common.scene import SceneSettings
 
 log = logging.getLogger("scenepipe.sfm")
 
 NO_BASELINE = "no baseline (pure rotation)"
-INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, metrics.json, scene.yaml"}
-OUTPUTS = {"out": "output folder: model/, poses.csv, sparse.ply, metrics.json"}
+INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, capture.json, scene.yaml"}
+OUTPUTS = {"out": "output folder: model/, poses.csv, sparse.ply, alignment.json, per_image.csv, metrics.json"}
 
 # Verified pairs need this many inlier matches to count as overlapping (COLMAP's min_num_inliers default).
 MIN_PAIR_INLIERS = 15
@@ -227,78 +229,9 @@ class SfmResult:
 # ------------------------------------------------------------------------------------------- inputs
 
 
-@dataclasses.dataclass(frozen=True)
-class Frames:
-    """Ingest's output as SfM needs it."""
-
-    image_dir: Path
-    names: list[str]
-    """Mapping image names relative to image_dir, in capture order."""
-    groups: dict[str, list[str]]
-    """Camera group id -> image names."""
-    intrinsics: dict[str, dict | None]
-    """Camera group id -> known intrinsics (cameras.json) or None."""
-    is_video: bool
-    gt: dict[str, np.ndarray]
-    """Image name -> ground-truth cam_from_world (3x4), evaluation only."""
-    metric: bool
-    sequence: bool = False
-    """Ingest judged the capture ordered (video, or image names that count up); sfm still checks overlap."""
-    settings: SceneSettings = dataclasses.field(default_factory=SceneSettings)
-    """The scene's scene.yaml, as ingest resolved it."""
-    position: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Image name -> position in the capture, in typical frame intervals (1.0 between neighbours): the counting
-    number of an image sequence or the keyframe ordinal of a video, so frames left out (held-out queries, a
-    numbering gap) are expected to be a longer step apart. Empty: consecutive names are one interval apart."""
-
-    @property
-    def focal_known(self) -> bool:
-        """Every camera group has known intrinsics."""
-        return all(self.intrinsics.get(g) for g in self.groups)
-
-
 def read_frames(frames_dir: Path) -> Frames:
-    """Read ingest's manifest, cameras.json, metrics.json and scene.yaml; missing files are a StageError."""
-    frames_dir = Path(frames_dir)
-    for name in ("manifest.csv", "cameras.json", "metrics.json", "images"):
-        if not (frames_dir / name).exists():
-            raise StageError(f"{frames_dir / name} not found; run the ingest stage for this scene first")
-    manifest = pd.read_csv(frames_dir / "manifest.csv")
-    cams = json.loads((frames_dir / "cameras.json").read_text())
-    ingest_metrics = json.loads((frames_dir / "metrics.json").read_text())
-    mapping = manifest[manifest["split"] == "mapping"].copy()
-    mapping = mapping.sort_values(["frame_index", "name"]) if "frame_index" in mapping else mapping
-    names, groups, gt = [], {}, {}
-    for row in mapping.itertuples(index=False):
-        name = str(row.name).removeprefix("images/")
-        names.append(name)
-        groups.setdefault(str(int(row.camera)), []).append(name)
-        q = [getattr(row, k) for k in ("gt_qw", "gt_qx", "gt_qy", "gt_qz", "gt_tx", "gt_ty", "gt_tz")]
-        if all(np.isfinite(q)):
-            R_33 = R_from_quat_wxyz(np.asarray(q[:4], float))
-            gt[name] = np.concatenate([R_33, np.asarray(q[4:], float)[:, None]], axis=1)
-    intr = {g: (cams.get(g) or {}).get("intrinsics") for g in groups}
-    is_video = ingest_metrics.get("source_kind") == "video"
-    return Frames(frames_dir / "images", names, groups, intr, is_video, gt, bool(ingest_metrics.get("metric")),
-                  sequence=bool(ingest_metrics.get("sequence", is_video)), settings=read_scene_settings(frames_dir),
-                  position=capture_positions(manifest, is_video))
-
-
-def capture_positions(manifest: pd.DataFrame, is_video: bool) -> dict[str, float]:
-    """Each mapping image's position in the capture, in median frame intervals (see Frames.position)."""
-    if is_video:  # keyframe ordinal: held-out query keyframes leave a gap
-        kept = manifest[manifest["split"].isin(["mapping", "query"])].sort_values("frame_index")
-        raw = {str(n).removeprefix("images/"): float(i) for i, (n, sp) in enumerate(zip(kept["name"], kept["split"]))
-               if sp == "mapping"}
-    else:
-        rows = manifest[manifest["split"] == "mapping"].sort_values("frame_index")
-        numbers = sequence_numbers([Path(str(s)).name for s in rows["source"]])
-        if numbers is None:
-            return {}
-        raw = {str(n).removeprefix("images/"): float(v) for n, v in zip(rows["name"], numbers)}
-    values = np.array(sorted(raw.values()))
-    gap = float(np.median(np.diff(values))) if len(values) > 1 else 1.0
-    return {n: v / gap for n, v in raw.items()} if gap > 0 else {}
+    """Ingest's output (a StageError names a missing file and says to run ingest)."""
+    return read_ingest(frames_dir)
 
 
 # ------------------------------------------------------------------------------------- pycolmap glue
@@ -818,8 +751,11 @@ def scale_evidence(poses: list[np.ndarray], normal: np.ndarray, offset: float, i
     }
 
 
-def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: SceneSettings) -> dict:
-    """Rotate `rec` so z is up with the ground at z=0; scale it to metres from the camera height where earned."""
+def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: SceneSettings) -> tuple[dict, Sim3]:
+    """Rotate `rec` so z is up with the ground at z=0; scale it to metres from the camera height where earned.
+
+    Returns the numbers for metrics.json and the transform applied (x_world = s R x_mapper + t).
+    """
     order = {n: i for i, n in enumerate(names)}
     ims = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: order.get(im.name, 0))
     poses = [im.cam_from_world().matrix() for im in ims]
@@ -867,6 +803,7 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: S
     R_33 = np.stack([x, np.cross(normal, x), normal])
     t_3 = -scale * (R_33 @ (normal * offset))  # ground plane (or the points' median height) to z = 0
     rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(R_33), t_3))
+    applied = Sim3(float(scale), R_33, np.asarray(t_3, float))
     info.update({
         "metric": apply,
         "scale_source": "camera_height" if apply else f"none: {why}",
@@ -876,47 +813,23 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: S
         "scale_confidence": confidence,
         "scale_evidence": evidence,
     })
-    return info
+    return info, applied
 
 
-def write_outputs(tmp: Path, rec: Any, frames: Frames, reasons: dict[str, str]) -> pd.DataFrame:
-    """COLMAP binary model, poses.csv and sparse.ply into `tmp`."""
-    (tmp / "model").mkdir()
-    rec.write_binary(str(tmp / "model"))
-    rec.export_PLY(str(tmp / "sparse.ply"))
-    by_name = {im.name: im for im in rec.images.values()}
-    rows = []
-    for name in frames.names:
-        im = by_name.get(name)
-        if im is not None and im.has_pose:
-            P = im.cam_from_world().matrix()
-            q, c = quat_wxyz_from_R(P[:3, :3]), camera_center(P)
-            rows.append({"image": f"images/{name}", "registered": True, "reason": "",
-                         "qw": q[0], "qx": q[1], "qy": q[2], "qz": q[3], "tx": P[0, 3], "ty": P[1, 3], "tz": P[2, 3],
-                         "cx": c[0], "cy": c[1], "cz": c[2], "camera_id": im.camera_id})
-        else:
-            rows.append({"image": f"images/{name}", "registered": False,
-                         "reason": reasons.get(name, "not registered by the mapper (too few verified matches)")})
-    table = pd.DataFrame(rows)
-    table.to_csv(tmp / "poses.csv", index=False)
-    return table
-
-
-def evaluate(rec: Any, frames: Frames) -> dict:
-    """Pose errors against ground truth for the registered images that have it (empty when none)."""
-    est, gt = [], []
-    by_name = {im.name: im for im in rec.images.values() if im.has_pose}
-    for name in frames.names:  # capture order: the trajectory length sums consecutive steps
-        if name in by_name and name in frames.gt:
-            est.append(by_name[name].cam_from_world().matrix())
-            gt.append(frames.gt[name])
-    if len(est) < 3:
-        return {}
-    err = pose_errors(est, gt)
-    err.pop("per_image_rotation_error_deg")
-    err.pop("per_image_position_error")
-    err["evaluated_images"] = len(est)
-    return err
+def per_image_reprojection(rec: Any) -> dict[str, float]:
+    """Mean reprojection error (px) of each registered image's triangulated observations."""
+    out = {}
+    for im in rec.images.values():
+        if not im.has_pose:
+            continue
+        obs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in im.points2D if p.has_point3D()]
+        if not obs:
+            continue
+        uv, xyz = np.array([o[0] for o in obs]), np.array([o[1] for o in obs])
+        P = im.cam_from_world().matrix()
+        proj = np.array(rec.cameras[im.camera_id].img_from_cam(xyz @ P[:3, :3].T + P[:3, 3]))
+        out[im.name] = float(np.linalg.norm(proj - uv, axis=1).mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -1044,13 +957,16 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                              "triangulated; capture while moving the camera, or raise sfm.gate_max_rotation_only")
         seconds = dict(work.seconds)
         t0 = time.perf_counter()
-        scale_info = gravity_and_scale(rec, fr.names, params, fr.settings)
+        scale_info, world_from_mapper = gravity_and_scale(rec, fr.names, params, fr.settings)
         seconds["gravity_scale"] = time.perf_counter() - t0
-        registered = {im.name for im in rec.images.values() if im.has_pose}
+        est = {im.name: im.cam_from_world().matrix() for im in rec.images.values() if im.has_pose}
         others = {n: f"in another model ({i + 1})" for i, m in enumerate(chosen.get("other_models", [])) for n in m}
+        errors, per_image, gt_from_world = evaluate_poses(est, fr)
+        reproj = per_image_reprojection(rec)
+        per_image.insert(2, "reprojection_error_px", [reproj.get(n, math.nan) for n in per_image["image"]])
         with atomic_dir(out_dir) as tmp:
-            write_outputs(tmp, rec, fr, {n: r for n, r in others.items() if n not in registered})
-            errors = evaluate(rec, fr)
+            write_sfm(tmp, rec, fr, {n: r for n, r in others.items() if n not in est},
+                      Alignment(world_from_mapper, scale_info["metric"], gt_from_world), per_image)
             seconds["total"] = time.perf_counter() - t_start
             metrics = {
                 "images": len(fr.names),

@@ -74,7 +74,8 @@ from stages.common.params import load_section, require
 log = logging.getLogger("scenepipe.synth")
 
 INPUTS: dict[str, str] = {}
-OUTPUTS = {"out": "scene folder to write (data/raw/<scene>)"}
+OUTPUTS = {"out": "scene folder to write (data/raw/<scene>); synth.json in it records the device and seconds"}
+SYNTH_RECORD = "synth.json"
 
 
 # ---- The embedded street (metres). These define the scene itself, so they are not params. ----
@@ -1820,6 +1821,9 @@ def run(params: SynthParams, *, out_dir: Path) -> SynthResult:
             s_last = drive.s_on(drive.offset(params.lane_y_m), _stretch_m(params)) + params.points_ahead_m
             xyz, rgb, nrm = layout_surface_points(renderer, street, 0.0, s_last, params.n_points, params.seed)
         write_points(tmp / "points.ply", xyz, rgb, nrm)
+        # What rendered the scene (ingest ignores this file). No timings: the same params and seed give
+        # byte-identical files, so DVC sees an unchanged scene.
+        write_json(tmp / SYNTH_RECORD, {"device": device, "frames": params.n_frames, "queries": len(queries)})
     seconds = time.perf_counter() - t_start
     n_marks = sum(f["properties"]["kind"] == "lane_marking" for f in hdmap["features"])
     log.info("wrote %s: %d frames, %d queries, %d points, %d lane markings, %d poles in %.1f s",

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from stages import ingest
 from stages.common import geometry as geo
+from stages.common.artifacts import GT_PREFIX, pose_columns, read_ingest
 from stages.common.errors import StageError
 from stages.common.params import build, load_section
 from stages.common.scene import Intrinsics, SceneSettings, read_scene_settings
@@ -247,11 +248,15 @@ def test_video_keyframes_timestamps_gt_and_manifest(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in kept if i != 14]
 
     # Ground truth by timestamp: even frames have poses, odd ones none.
+    frames = read_ingest(out)
     for i in (0, 4, 20):
         q = geo.quat_wxyz_from_R(poses[i][:, :3])
-        assert df.loc[i, ["gt_qw", "gt_qx", "gt_qy", "gt_qz"]].to_numpy(float) == pytest.approx(q, abs=1e-9)
-        assert df.loc[i, ["gt_tx", "gt_ty", "gt_tz"]].to_numpy(float) == pytest.approx(poses[i][:, 3], abs=1e-9)
-    assert df.loc[[1, 3, 19], "gt_qw"].isna().all()
+        assert df.loc[i, pose_columns(GT_PREFIX)[:4]].to_numpy(float) == pytest.approx(q, abs=1e-9)
+        if i != 14:  # the query
+            assert frames.gt[df.loc[i, "name"]] == pytest.approx(poses[i], abs=1e-9)
+    assert frames.query_gt["queries/000014.png"] == pytest.approx(poses[14], abs=1e-9)
+    assert df.loc[[1, 3, 19], GT_PREFIX + "qw"].isna().all()
+    assert frames.is_video and frames.sequence and frames.metric is True  # capture.json
     cams = json.loads((out / "cameras.json").read_text())
     assert list(cams) == ["0"] and cams["0"]["n_images"] == 15
     assert (cams["0"]["width"], cams["0"]["height"]) == (160, 90)
@@ -674,7 +679,7 @@ def test_real_fox_queries_gt_and_scaled_intrinsics(tmp_path):
     assert m["mapping_frames"] == 50 and m["query_frames"] == 17 and m["frames_quarantined"] == 0
     assert m["sequence"] is True  # 0001.jpg .. 0067.jpg with the queries' numbers missing
     assert len(list((tmp_path / "out/queries").iterdir())) == 17
-    assert df[["gt_qw", "gt_tx", "gt_ty", "gt_tz"]].notna().all().all() and m["metric"] is False
+    assert df[pose_columns(GT_PREFIX)].notna().all().all() and m["metric"] is False
     cams = json.loads((tmp_path / "out/cameras.json").read_text())
     assert list(cams) == ["0"] and cams["0"]["n_images"] == 67
     intr = cams["0"]["intrinsics"]

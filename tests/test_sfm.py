@@ -13,13 +13,15 @@ import pytest
 from PIL import Image
 
 from stages import sfm
+from stages.common.artifacts import read_ingest, read_sfm
 from stages.common.errors import StageError
+from stages.common.geometry import camera_center
 from stages.common.scene import INTRINSIC_KEYS
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.synth import Renderer, SynthParams, _pose, build_street, intrinsics
 from stages.synth import run as synth_run
-from tests.conftest import real_scene
+from tests.conftest import ROOT, real_scene
 
 TINY = SynthParams(n_frames=16, width=320, height=180, n_queries=2, output="images", speed_mps=8.0,
                    n_points=2000, supersample=1)
@@ -58,23 +60,27 @@ def test_synthetic_drive_poses_match_ground_truth(tiny_sfm):
         assert key in on_disk
 
 
-def test_gravity_and_metric_scale_from_camera_height(tiny_sfm):
-    poses = pd.read_csv(tiny_sfm.out_dir / "poses.csv")
-    assert poses["registered"].all()
+def test_gravity_and_metric_scale_from_camera_height(tiny_sfm, tiny_frames):
+    model = read_sfm(tiny_sfm.out_dir)
+    assert list(model.poses) == read_ingest(tiny_frames).names  # one naming: the ingest folder's
+    centers = np.stack([camera_center(P) for P in model.poses.values()])
     # z up, ground at z = 0: every camera rides at the synthetic 1.6 m, and travels along +x.
-    np.testing.assert_allclose(poses["cz"], TINY.camera_height_m, atol=0.05)
-    assert poses["cx"].iloc[-1] - poses["cx"].iloc[0] == pytest.approx(8.0 * 15 / TINY.fps, rel=0.03)
+    np.testing.assert_allclose(centers[:, 2], TINY.camera_height_m, atol=0.05)
+    assert centers[-1, 0] - centers[0, 0] == pytest.approx(8.0 * 15 / TINY.fps, rel=0.03)
+    assert model.alignment.metric and model.alignment.gt_from_world is not None
+    assert model.alignment.gt_from_world.scale == pytest.approx(1.0, abs=0.03)
     scale = tiny_sfm.metrics["gravity_scale"]
     # a driving capture: the scale is applied, with a confidence well clear of the threshold
     assert scale["scale_source"] == "camera_height" and scale["metric"] is True
     assert scale["scale_confidence"] > 2 * sfm.SfmParams().min_scale_confidence
     assert tiny_sfm.metrics["scale_vs_gt"] == pytest.approx(1.0, abs=0.03)
     # the camera's image-down axis points to world -z after the gravity alignment
-    q = poses[["qw", "qx", "qy", "qz"]].to_numpy()[0]
-    from stages.common.geometry import R_from_quat_wxyz
-
-    down_world = R_from_quat_wxyz(q)[1]  # row 1 = camera y axis in world coordinates
+    down_world = next(iter(model.poses.values()))[1, :3]  # row 1 = camera y axis in world coordinates
     assert down_world[2] < -0.95
+    # per-frame series for plots: reprojection and pose errors of every frame
+    per_image = pd.read_csv(tiny_sfm.out_dir / "per_image.csv")
+    assert per_image["frame"].tolist() == list(range(16))
+    assert (per_image["reprojection_error_px"] < 1.5).all() and (per_image["rotation_error_deg"] < 0.5).all()
 
 
 def test_outputs_are_a_colmap_model_and_a_point_cloud(tiny_sfm):
@@ -108,10 +114,10 @@ def test_ladder_escalates_when_the_first_attempt_fails_the_gate(tiny_frames, tmp
 
 def test_same_input_and_seed_give_the_same_poses_and_verdict(tiny_frames, tiny_sfm, tmp_path):
     again = sfm.run(TINY_SFM, frames=tiny_frames, out_dir=tmp_path / "again")
-    first = pd.read_csv(tiny_sfm.out_dir / "poses.csv")
-    second = pd.read_csv(again.out_dir / "poses.csv")
-    cols = ["qw", "qx", "qy", "qz", "tx", "ty", "tz"]
-    np.testing.assert_allclose(first[cols].to_numpy(), second[cols].to_numpy(), atol=1e-6)
+    first, second = read_sfm(tiny_sfm.out_dir).poses, read_sfm(again.out_dir).poses
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_allclose(first[name], second[name], atol=1e-6)
     assert again.metrics["gate_passed"] == tiny_sfm.metrics["gate_passed"]
 
 
@@ -262,9 +268,9 @@ def test_scene_yaml_can_forbid_the_scale(tiny_sfm):
 
     rec = pycolmap.Reconstruction(str(tiny_sfm.out_dir / "model"))
     names = sorted(im.name for im in rec.images.values())
-    info = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(metric_scale="none"))
+    info, _ = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(metric_scale="none"))
     assert info["metric"] is False and info["scale"] == 1.0 and "metric_scale: none" in info["scale_source"]
-    info = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(camera_height_m=3.2))
+    info, _ = sfm.gravity_and_scale(rec, names, sfm.SfmParams(), SceneSettings(camera_height_m=3.2))
     assert info["metric"] and info["camera_height_from"] == "scene.yaml"
     assert info["scale"] == pytest.approx(2.0, rel=0.02)  # the model was at 1.6 m; now the camera rides at 3.2 m
 
@@ -333,10 +339,13 @@ def test_images_without_features_fail_cleanly(tmp_path):
 
 
 def test_main_prints_one_line_for_missing_ingest(tmp_path, capsys):
+    # the project's real params.yaml: the error must come from the missing ingest output, not the params
     assert sfm.main(["--frames", str(tmp_path / "nope"), "--out", str(tmp_path / "out"),
-                     "--params", str(tmp_path / "p.yaml")]) == 1
+                     "--params", str(ROOT / "params.yaml")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: sfm:")
+    assert len(err) == 1 and err[0].startswith("error: sfm: ")
+    assert f"{tmp_path / 'nope'}/manifest.csv not found; run the ingest stage" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------- real scenes

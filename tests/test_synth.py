@@ -17,6 +17,7 @@ import torch
 from stages import synth
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
+from stages.common.device import pick_device
 from stages.common.params import build
 from stages.common.scene import read_transforms
 
@@ -30,7 +31,10 @@ def small_video(tmp_path_factory) -> tuple[synth.SynthParams, Path]:
     params = synth.SynthParams(**SMALL)
     out = tmp_path_factory.mktemp("synth") / "street"
     res = synth.run(params, out_dir=out)
-    assert res.n_frames == 6 and res.n_queries == 2 and res.device == "cpu" and res.out_dir == out
+    # the device auto picks, recorded beside the scene (cuda on a GPU machine, cpu elsewhere)
+    assert res.n_frames == 6 and res.n_queries == 2 and res.device == pick_device("auto") and res.out_dir == out
+    record = json.loads((out / synth.SYNTH_RECORD).read_text())
+    assert record["device"] == res.device and record["frames"] == 6
     return params, out
 
 

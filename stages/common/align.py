@@ -91,6 +91,7 @@ def pose_errors(est_cam_from_world: list[np.ndarray], gt_cam_from_world: list[np
         "ate_rmse_pct": ate * pct,
         "trajectory_length": length,
         "sim3_scale": sim3.scale,
+        "sim3": sim3,
         "per_image_rotation_error_deg": rot_deg,
         "per_image_position_error": pos,
     }
