@@ -48,7 +48,6 @@ import dataclasses
 import logging
 import math
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -57,11 +56,20 @@ from typing import Any, Literal
 
 import numpy as np
 import pycolmap
-from scipy.cluster.vq import kmeans2
 
 from stages.common.align import Sim3, pose_errors, rotation_angle_deg
 from stages.common.artifacts import Alignment, Frames, evaluate_poses, read_ingest, write_sfm
+from stages.common.colmap import (
+    PAIRS,
+    extract,
+    extraction_options,
+    match,
+    merge_options,
+    quiet_colmap,
+    verified_pairs,
+)
 from stages.common.cli import guarded, make_parser
+from stages.common.device import pick_colmap_device
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
 from stages.common.outputs import atomic_dir, write_json
@@ -74,27 +82,29 @@ NO_BASELINE = "no baseline (pure rotation)"
 INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, capture.json, scene.yaml"}
 OUTPUTS = {"out": "output folder: model/, poses.csv, sparse.ply, alignment.json, per_image.csv, metrics.json"}
 
-# Verified pairs need this many inlier matches to count as overlapping (COLMAP's min_num_inliers default).
-MIN_PAIR_INLIERS = 15
 # An ordered capture is trusted as a sequence when at least this share of consecutive frames overlap.
 MIN_SEQUENCE_OVERLAP = 0.8
 # Path continuity: each step is compared with the median of this many steps on each side of it.
 STEP_WINDOW = 3
 # ... floored at this fraction of the median step, so a camera that slows to a stop is no "jump".
 STEP_FLOOR = 0.25
-# Ground plane RANSAC: iterations, and the largest tilt of the ground from the cameras' mean up vector.
+# Ground plane RANSAC: iterations (300 draws of 3 points hit a plane holding 30 % of the points with
+# probability 1 - (1 - 0.3^3)^300 > 99.9 %; a least-squares refit on the inliers follows), and the largest tilt
+# of the ground from the cameras' mean up vector (a road's slope stays far below; a facade is near 90).
 GROUND_RANSAC_ITERS = 300
 GROUND_MAX_TILT_DEG = 30.0
+# Ground inlier band: this fraction of the typical camera step plus the height jitter (scene units, so it
+# follows the model's arbitrary scale), and the fewest points below the cameras worth a RANSAC fit.
+GROUND_BAND = 0.05
+GROUND_MIN_POINTS = 20
+# With no fit, the ground is put at this percentile of the points' heights (below most of the scene).
+GROUND_FALLBACK_PERCENTILE = 5
 # Share of the points below the cameras that a ground plane must hold to be fully trusted.
 GROUND_MIN_SHARE = 0.1
 # Scale confidence: the relative spread of camera heights, the camera tilt from the ground normal and the share
 # of sideways motion at which a driving-capture factor has fallen to 1/e (physical, not fitted to any scene).
 HEIGHT_SPREAD_SCALE = 0.1
 LEVEL_TILT_SCALE_DEG = 25.0
-# Retrieval: descriptors sampled per image for the VLAD vocabulary, and the vocabulary size bounds.
-VLAD_SAMPLES_PER_IMAGE = 300
-VLAD_WORDS = (8, 64)
-VLAD_LOOP_NEIGHBORS = 3
 # Homographies whose calibrated singular values agree within this (median) are rotations: pixel noise gives
 # ~0.01, a baseline of a tenth of the scene depth ~0.1.
 ROTATION_H_TOL = 0.03
@@ -105,11 +115,48 @@ TRI_ANGLE_SAMPLES = 5000
 
 
 @dataclasses.dataclass(frozen=True)
+class GateParams:
+    """The health gate's thresholds (params.yaml `sfm.gate`)."""
+
+    min_registered_ratio: float = 0.95
+    """Registered fraction of the mapping images."""
+    max_reprojection_px: float = 1.5
+    """Mean reprojection error in pixels."""
+    min_track_length: float = 3.0
+    """Mean number of images observing a 3D point."""
+    fov_deg: tuple[float, float] = (5.0, 150.0)
+    """Plausible field of view across the image's long side (degrees); telephoto photos reach ~5."""
+    max_rotation_only: float = 0.8
+    """Largest fraction of verified pairs explained by a homography that is a pure rotation (no baseline)."""
+    max_step_ratio: float = 4.0
+    """Ordered captures: largest camera step over the median of its neighbouring steps."""
+    max_turn_deg: float = 25.0
+    """Ordered captures: largest rotation between consecutive frames (degrees)."""
+    max_focal_disagreement: float = 0.10
+    """Cross-check: largest relative difference of the two mappers' focal lengths. On a straight drive the
+    focal is weakly observed: right models (0.09 deg, 0.5 %) came with the mappers' focals 3-6 % apart, while
+    a wrong focal was 18 % off; the poses' own disagreement is checked by the next two thresholds."""
+    max_rotation_disagreement_deg: float = 0.3
+    """Cross-check: largest median orientation difference between the two mappers (degrees). Two models this
+    far apart mean one is off by more than the 0.1-0.2 deg a right model reaches. The first check maps half
+    the frames (cheap, noisier); on a disagreement the ladder repeats it on every frame before anything else."""
+    max_position_disagreement: float = 0.02
+    """Cross-check: largest median camera-position difference, as a fraction of the path length."""
+
+    def __post_init__(self) -> None:
+        require(self, [
+            (0 < self.min_registered_ratio <= 1, "min_registered_ratio", "must lie in (0, 1]"),
+            (0 < self.fov_deg[0] < self.fov_deg[1] < 180, "fov_deg", "must be (low, high) in (0, 180)"),
+        ])
+
+
+@dataclasses.dataclass(frozen=True)
 class SfmParams:
-    """Params of the sfm stage (params.yaml section `sfm`)."""
+    """Params of the sfm stage (params.yaml section `sfm`; `seed` and `device` from the top level)."""
 
     features: Literal["sift", "aliked"] = "sift"
-    """Feature preset: SIFT, or ALIKED + LightGlue (needs pycolmap's model files available offline)."""
+    """Feature preset (stages.common.colmap.FEATURES): SIFT, or ALIKED + LightGlue (needs pycolmap's model
+    files available offline)."""
     max_num_features: int = 2048
     """Features per image on the first attempt; the ladder doubles it."""
     matcher: Literal["auto", "sequential", "exhaustive", "retrieval"] = "auto"
@@ -120,10 +167,9 @@ class SfmParams:
     """Sequential matching: each frame is matched with this many following frames."""
     retrieval_neighbors: int = 12
     """Retrieval matching: pairs per image from VLAD similarity."""
-    loop_closure: bool = True
-    """Ordered captures: add retrieval pairs between frames farther apart than the sequential overlap."""
-    loop_closure_neighbors: int = VLAD_LOOP_NEIGHBORS
-    """Ordered captures: loop-closure pairs per image."""
+    loop_closure_neighbors: int = 3
+    """Ordered captures: retrieval pairs per image between frames farther apart than the sequential overlap
+    (loop closure); 0 = none."""
     mapper: Literal["global", "incremental"] = "global"
     """First mapper; the ladder and the cross-check use the other one."""
     cross_check: Literal["auto", "always", "never"] = "auto"
@@ -137,62 +183,40 @@ class SfmParams:
     """Fewest mapping images to attempt SfM."""
     max_attempts: int = 4
     """Length of the escalation ladder (1 = no escalation)."""
-    gate_min_registered_ratio: float = 0.95
-    """Gate: registered fraction of the mapping images."""
-    gate_max_reprojection_px: float = 1.5
-    """Gate: mean reprojection error in pixels."""
-    gate_min_track_length: float = 3.0
-    """Gate: mean number of images observing a 3D point."""
-    gate_fov_deg: tuple[float, float] = (5.0, 150.0)
-    """Gate: plausible field of view across the image's long side (degrees); telephoto photos reach ~5."""
-    gate_max_rotation_only: float = 0.8
-    """Gate: largest fraction of verified pairs explained by a homography that is a pure rotation (no baseline)."""
-    gate_max_step_ratio: float = 4.0
-    """Gate, ordered captures: largest camera step over the median of its neighbouring steps."""
-    gate_max_turn_deg: float = 25.0
-    """Gate, ordered captures: largest rotation between consecutive frames (degrees)."""
-    gate_max_focal_disagreement: float = 0.10
-    """Gate, cross-check: largest relative difference of the two mappers' focal lengths. On a straight drive
-    the focal is weakly observed: right models (0.09 deg, 0.5 %) came with the mappers' focals 3-6 % apart,
-    while a wrong focal was 18 % off; the poses' own disagreement is checked by the next two thresholds."""
-    gate_max_rotation_disagreement_deg: float = 0.3
-    """Gate, cross-check: largest median orientation difference between the two mappers (degrees). Two models
-    this far apart mean one is off by more than the 0.1-0.2 deg a right model reaches. The first check maps half
-    the frames (cheap, noisier); on a disagreement the ladder repeats it on every frame before anything else."""
-    gate_max_position_disagreement: float = 0.02
-    """Gate, cross-check: largest median camera-position difference, as a fraction of the path length."""
+    gate: GateParams = dataclasses.field(default_factory=GateParams)
+    """The health gate's thresholds."""
     camera_height_m: float = 1.6
     """Known camera height above the ground (metres) for metric scale; a scene's scene.yaml overrides it."""
     min_scale_confidence: float = 0.3
     """Metric scale from the camera height is applied only at or above this confidence (scene.yaml can force)."""
     seed: int = 0
-    """Random seed of RANSAC, the mappers and retrieval's k-means."""
+    """Random seed of RANSAC, the mappers and retrieval's k-means (params.yaml's top-level `seed`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Feature extraction, matching and bundle adjustment device; cuda needs pycolmap's CUDA build."""
+    """Feature extraction, matching and bundle adjustment device; cuda needs pycolmap's CUDA build
+    (params.yaml's top-level `device`). Resolved once per run and recorded in metrics.json."""
     verbose: bool = False
     """Show COLMAP's own log (thousands of lines); off, only warnings and our own progress lines."""
-    extraction: dict = dataclasses.field(default_factory=lambda: {"sift": {"first_octave": 0}})
-    """Overrides merged into pycolmap.FeatureExtractionOptions (COLMAP's own keys); by default SIFT starts at
-    the native resolution (first_octave 0), ~3x faster than COLMAP's upsampled octave at no accuracy cost
-    measured on the default scene and kitti06."""
+    extraction: dict = dataclasses.field(default_factory=dict)
+    """pycolmap.FeatureExtractionOptions overrides (COLMAP's own keys), merged over the feature preset and the
+    ladder's values: a value set here wins on every rung, and the attempt records say so."""
     matching: dict = dataclasses.field(default_factory=dict)
-    """Overrides merged into pycolmap.FeatureMatchingOptions."""
+    """pycolmap.FeatureMatchingOptions overrides."""
     verification: dict = dataclasses.field(default_factory=dict)
-    """Overrides merged into pycolmap.TwoViewGeometryOptions (geometric verification, RANSAC)."""
-    mapping: dict = dataclasses.field(default_factory=dict)
-    """Overrides merged into the mapper's options (GlobalPipelineOptions or IncrementalPipelineOptions)."""
+    """pycolmap.TwoViewGeometryOptions overrides (geometric verification, RANSAC)."""
+    global_mapping: dict = dataclasses.field(default_factory=dict)
+    """pycolmap.GlobalPipelineOptions overrides (the global mapper, GLOMAP)."""
+    incremental_mapping: dict = dataclasses.field(default_factory=dict)
+    """pycolmap.IncrementalPipelineOptions overrides (the incremental mapper)."""
 
     def __post_init__(self) -> None:
         require(self, [  # (ok, key, what is required)
             (self.max_num_features >= 64, "max_num_features", "must be at least 64"),
             (self.min_images >= 2, "min_images", "must be at least 2"),
             (self.max_attempts >= 1, "max_attempts", "must be at least 1"),
-            (0 < self.gate_min_registered_ratio <= 1, "gate_min_registered_ratio", "must lie in (0, 1]"),
             (self.camera_height_m > 0, "camera_height_m", "must be positive"),
             (self.sequential_overlap >= 1, "sequential_overlap", "must be at least 1"),
-            (self.loop_closure_neighbors >= 1, "loop_closure_neighbors", "must be at least 1"),
+            (self.loop_closure_neighbors >= 0, "loop_closure_neighbors", "must be 0 or more"),
             (0 <= self.min_scale_confidence <= 1, "min_scale_confidence", "must lie in [0, 1]"),
-            (0 < self.gate_fov_deg[0] < self.gate_fov_deg[1] < 180, "gate_fov_deg", "must be (low, high) in (0, 180)"),
         ])
 
 
@@ -237,193 +261,6 @@ def read_frames(frames_dir: Path) -> Frames:
 # ------------------------------------------------------------------------------------- pycolmap glue
 
 
-def merge_options(opts: Any, overrides: dict, where: str) -> Any:
-    """Merge a nested dict of COLMAP option names into a pycolmap options object; a bad key is a StageError."""
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise StageError(f"sfm.{where}: {key!r} is not a pycolmap option of {type(opts).__name__}")
-        if isinstance(value, dict):
-            merge_options(getattr(opts, key), value, f"{where}.{key}")
-        else:
-            try:
-                setattr(opts, key, value)
-            except (TypeError, ValueError) as exc:
-                raise StageError(f"sfm.{where}.{key}: {value!r} is not accepted ({exc})") from None
-    return opts
-
-
-def _device(pref: str) -> pycolmap.Device:
-    if pref == "cuda" and not pycolmap.has_cuda:
-        raise StageError("sfm.device: cuda was asked for but this pycolmap has no CUDA; install the gpu extra "
-                         "(pycolmap-cuda12) or set device: auto")
-    return pycolmap.Device.cuda if pref != "cpu" and pycolmap.has_cuda else pycolmap.Device.cpu
-
-
-def _use_gpu(params: SfmParams) -> bool:
-    return _device(params.device) == pycolmap.Device.cuda
-
-
-def quiet_colmap(verbose: bool) -> None:
-    """COLMAP logs through glog: everything when asked for, else errors only (our own lines say what runs)."""
-    pycolmap.logging.minloglevel = 0 if verbose else 3
-    pycolmap.logging.verbose_level = 0
-
-
-def _camera_params(intr: dict) -> tuple[str, str]:
-    """COLMAP camera model and params string for known intrinsics."""
-    k = [intr.get(n, 0.0) for n in ("k1", "k2", "p1", "p2")]
-    if any(abs(v) > 0 for v in k):
-        vals = [intr["fx"], intr["fy"], intr["cx"], intr["cy"], *k]
-        return "OPENCV", ",".join(f"{v:.10g}" for v in vals)
-    return "PINHOLE", ",".join(f"{intr[n]:.10g}" for n in ("fx", "fy", "cx", "cy"))
-
-
-def extract(db: Path, frames: Frames, params: SfmParams, max_num_features: int, upsample: bool) -> None:
-    """Extract features into a new database, one camera per camera group (known intrinsics where given)."""
-    for group, names in frames.groups.items():
-        opts = pycolmap.FeatureExtractionOptions()
-        opts.sift.max_num_features = max_num_features
-        if params.features == "aliked":
-            opts.type = pycolmap.FeatureExtractorType.ALIKED_N16ROT
-            opts.aliked.max_num_features = max_num_features
-        merge_options(opts, params.extraction, "extraction")
-        if upsample:
-            opts.sift.first_octave = -1
-        reader = pycolmap.ImageReaderOptions()
-        intr = frames.intrinsics.get(group)
-        if intr:
-            reader.camera_model, reader.camera_params = _camera_params(intr)
-        else:
-            reader.camera_model = params.camera_model
-        try:
-            pycolmap.extract_features(db, frames.image_dir, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                                      reader_options=reader, extraction_options=opts, device=_device(params.device))
-        except RuntimeError as exc:
-            raise StageError(f"feature extraction ({params.features}) failed: {exc}; use features: sift") from None
-    canonical_ids(db, frames.names)
-
-
-def canonical_ids(db: Path, names: list[str]) -> None:
-    """Renumber images (and their frames) in capture order.
-
-    COLMAP's extractor threads write images in the order they finish, so image ids, pair ids and with them
-    the mappers' results would change from run to run; capture-order ids make the run reproducible.
-    """
-    con = sqlite3.connect(db)
-    try:
-        ids = dict(con.execute("SELECT name, image_id FROM images"))
-        order = [n for n in names if n in ids] + sorted(set(ids) - set(names))
-        new = {ids[n]: i + 1 for i, n in enumerate(order)}
-        if all(old == nid for old, nid in new.items()):
-            return
-        frame_new = {f: new[d] for f, d in con.execute("SELECT frame_id, data_id FROM frame_data") if d in new}
-        off = 1 << 30  # move every id out of the way first, so no two rows share an id mid-update
-        con.execute("CREATE TEMP TABLE idmap (old INTEGER PRIMARY KEY, new INTEGER)")
-        con.execute("CREATE TEMP TABLE framemap (old INTEGER PRIMARY KEY, new INTEGER)")
-        con.executemany("INSERT INTO idmap VALUES (?, ?)", new.items())
-        con.executemany("INSERT INTO framemap VALUES (?, ?)", frame_new.items())
-        for table, col, mapping in (("images", "image_id", "idmap"), ("keypoints", "image_id", "idmap"),
-                                    ("descriptors", "image_id", "idmap"), ("frame_data", "data_id", "idmap"),
-                                    ("frame_data", "frame_id", "framemap"), ("frames", "frame_id", "framemap")):
-            con.execute(f"UPDATE {table} SET {col} = {col} + {off}")
-            con.execute(f"UPDATE {table} SET {col} = (SELECT new FROM {mapping} WHERE old = {table}.{col} - {off})")
-        con.commit()
-    finally:
-        con.close()
-
-
-def vlad_pairs(db: Path, names: list[str], k: int, min_gap: int, seed: int) -> set[tuple[str, str]]:
-    """Retrieval pairs: each image with its `k` most similar images (VLAD of its own SIFT descriptors).
-
-    Images without features take part in no pair; with fewer than two such images there are no pairs.
-    """
-    database = pycolmap.Database.open(str(db))
-    try:
-        by_name = {im.name: im.image_id for im in database.read_all_images()}
-        descs = [np.asarray(database.read_descriptors(by_name[n]).data, np.float32) for n in names]
-    finally:
-        database.close()
-    usable = [i for i, d in enumerate(descs) if len(d)]
-    if len(usable) < 2:
-        return set()
-    rng = np.random.default_rng(seed)
-    sample = np.concatenate([descs[i][rng.choice(len(descs[i]), min(len(descs[i]), VLAD_SAMPLES_PER_IMAGE),
-                                                 replace=False)] for i in usable])
-    sample /= np.linalg.norm(sample, axis=1, keepdims=True) + 1e-9
-    # About 50 samples per word keeps k-means stable; the bounds keep the vectors small and discriminative.
-    n_words = int(min(VLAD_WORDS[1], max(VLAD_WORDS[0], len(sample) // 50), len(sample)))
-    centers, _ = kmeans2(sample, n_words, minit="++", seed=seed, iter=10)
-    vlad = np.zeros((len(names), n_words * sample.shape[1]), np.float32)
-    for i in usable:
-        d = descs[i] / (np.linalg.norm(descs[i], axis=1, keepdims=True) + 1e-9)
-        word = np.argmin(((d[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
-        v = np.zeros((n_words, d.shape[1]), np.float32)
-        np.add.at(v, word, d - centers[word])
-        v = np.sign(v) * np.sqrt(np.abs(v))  # power normalisation against bursty features
-        vlad[i] = (v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-9)).ravel()
-    vlad /= np.linalg.norm(vlad, axis=1, keepdims=True) + 1e-9
-    sim = vlad @ vlad.T
-    pairs = set()
-    usable_set = set(usable)
-    for i in usable:
-        order = [j for j in np.argsort(-sim[i], kind="stable") if abs(int(j) - i) > min_gap and int(j) in usable_set]
-        for j in order[:k]:
-            pairs.add(tuple(sorted((names[i], names[int(j)]))))
-    return pairs
-
-
-def sequential_pairs(names: list[str], overlap: int) -> set[tuple[str, str]]:
-    """Each frame with the next `overlap` frames, plus frames 2^k ahead beyond them (COLMAP's quadratic overlap)."""
-    steps = list(range(1, overlap + 1)) + [2**e for e in range(int(math.log2(overlap)) + 1, 8)]
-    return {(a, names[i + s]) for i, a in enumerate(names) for s in steps if i + s < len(names)}
-
-
-def match(db: Path, work: Path, frames: Frames, params: SfmParams, att: Attempt) -> int:
-    """Match and verify the attempt's pairs (seeded RANSAC, sorted pairs); returns the number of pairs tried."""
-    opts = merge_options(pycolmap.FeatureMatchingOptions(), params.matching, "matching")
-    opts.max_num_matches = max(opts.max_num_matches, 2 * att.max_num_features)
-    if params.features == "aliked":
-        opts.type = pycolmap.FeatureMatcherType.ALIKED_LIGHTGLUE
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.random_seed = params.seed
-    merge_options(verification, params.verification, "verification")
-    names = frames.names
-    if att.matcher == "exhaustive":
-        pairs = {(a, b) for i, a in enumerate(names) for b in names[i + 1:]}
-    elif att.matcher == "sequential":
-        pairs = sequential_pairs(names, att.overlap)
-        if params.loop_closure and len(names) > 2 * att.overlap:
-            pairs |= vlad_pairs(db, names, params.loop_closure_neighbors, att.overlap, params.seed)
-    else:  # retrieval
-        pairs = vlad_pairs(db, names, att.neighbors, 0, params.seed)
-    pairs_file = work / f"pairs_{att.name}.txt"
-    pairs_file.write_text("".join(f"{a} {b}\n" for a, b in sorted(pairs)))
-    if pairs:
-        pairing = pycolmap.ImportedPairingOptions()
-        pairing.match_list_path = str(pairs_file)
-        pycolmap.match_image_pairs(db, matching_options=opts, pairing_options=pairing,
-                                   verification_options=verification, device=_device(params.device))
-    return len(pairs)
-
-
-def verified_pairs(db: Path) -> dict[tuple[str, str], Any]:
-    """Verified two-view geometries by (name1, name2) in database order (H maps image 1 to image 2)."""
-    database = pycolmap.Database.open(str(db))
-    try:
-        names = {im.image_id: im.name for im in database.read_all_images()}
-        pair_ids, geoms = database.read_two_view_geometries()
-    finally:
-        database.close()
-    cfg = pycolmap.TwoViewGeometryConfiguration
-    out = {}
-    for pid, g in zip(pair_ids, geoms):
-        if g.config in (cfg.UNDEFINED, cfg.DEGENERATE, cfg.WATERMARK) or len(g.inlier_matches) < MIN_PAIR_INLIERS:
-            continue
-        a, b = pycolmap.pair_id_to_image_pair(pid)
-        out[(names[a], names[b])] = g
-    return out
-
-
 def consecutive_overlap(names: list[str], geoms: dict) -> float:
     """Share of consecutive frames whose pair was verified (1.0 for a true sequence)."""
     if len(names) < 2:
@@ -451,15 +288,11 @@ def rotation_only(geoms: dict, rec: Any) -> dict:
             "rotation_residual": float(np.median(spread)) if spread else None}
 
 
-def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Path,
-               image_names: list[str] | None = None) -> dict[int, Any]:
-    """Run one mapper on the database's matches (seeded, GPU only where pycolmap has CUDA); pycolmap's models.
-
-    `image_names` restricts the mapper to those images (the cross-check maps every other frame).
-    """
-    out.mkdir(parents=True, exist_ok=True)
+def mapper_options(mapper: str, frames: Frames, params: SfmParams) -> Any:
+    """The mapper's pycolmap options: our defaults (seeds, device, intrinsics refinement), then the user's
+    `global_mapping` / `incremental_mapping` overrides, each merged into its own mapper's options only."""
     refine = params.refine_intrinsics or not frames.focal_known
-    gpu = _use_gpu(params)
+    gpu = params.device == "cuda" and pycolmap.has_cuda
     if mapper == "global":
         opts = pycolmap.GlobalPipelineOptions()
         opts.random_seed = params.seed
@@ -471,9 +304,7 @@ def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Pa
         ba.ceres.use_gpu = gpu
         ba.refine_focal_length = refine
         ba.refine_extra_params = refine
-        merge_options(opts, params.mapping, "mapping")
-        opts.image_names = image_names or []
-        return pycolmap.global_mapping(db, frames.image_dir, out, opts)
+        return merge_options(opts, params.global_mapping, "sfm.global_mapping")
     opts = pycolmap.IncrementalPipelineOptions()
     opts.random_seed = opts.mapper.random_seed = opts.triangulation.random_seed = params.seed
     opts.ba_use_gpu = gpu
@@ -482,9 +313,31 @@ def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Pa
     # A forward-driving camera makes every initial pair "forward motion"; COLMAP's 0.95 limit rejects them all.
     opts.mapper.init_max_forward_motion = 1.0
     opts.min_model_size = min(opts.min_model_size, max(3, len(frames.names) // 4))
-    merge_options(opts, params.mapping, "mapping")
+    return merge_options(opts, params.incremental_mapping, "sfm.incremental_mapping")
+
+
+def check_options(frames: Frames, params: SfmParams) -> None:
+    """Merge every COLMAP overrides section into a fresh options object before any work, so a bad key fails
+    at once, not on a ladder rung after earlier rungs have run."""
+    extraction_options(params.features, params.max_num_features, False, params.extraction)
+    for section in ("matching", "verification"):
+        obj = pycolmap.FeatureMatchingOptions() if section == "matching" else pycolmap.TwoViewGeometryOptions()
+        merge_options(obj, getattr(params, section), f"sfm.{section}")
+    for mapper in ("global", "incremental"):
+        mapper_options(mapper, frames, params)
+
+
+def map_images(db: Path, frames: Frames, params: SfmParams, mapper: str, out: Path,
+               image_names: list[str] | None = None) -> dict[int, Any]:
+    """Run one mapper on the database's matches; pycolmap's models.
+
+    `image_names` restricts the mapper to those images (the cross-check maps every other frame).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    opts = mapper_options(mapper, frames, params)
     opts.image_names = image_names or []
-    return pycolmap.incremental_mapping(db, frames.image_dir, out, opts)
+    run_mapper = pycolmap.global_mapping if mapper == "global" else pycolmap.incremental_mapping
+    return run_mapper(db, frames.image_dir, out, opts)
 
 
 # ------------------------------------------------------------------------------------- health gate
@@ -583,43 +436,43 @@ def compare_models(rec_a: Any, rec_b: Any, frames: Frames) -> dict:
     }
 
 
-def gate(numbers: dict, params: SfmParams) -> list[str]:
+def gate(numbers: dict, params: GateParams) -> list[str]:
     """Reasons an attempt fails the health gate (empty when it passes)."""
     why = []
-    if numbers["registered_ratio"] < params.gate_min_registered_ratio:
+    if numbers["registered_ratio"] < params.min_registered_ratio:
         models = numbers.get("models", 1)
-        why.append(f"registered {numbers['registered_ratio']:.0%} < {params.gate_min_registered_ratio:.0%}"
+        why.append(f"registered {numbers['registered_ratio']:.0%} < {params.min_registered_ratio:.0%}"
                    + (f" ({models} models)" if models > 1 else ""))
     residual = numbers.get("rotation_residual")
-    if numbers.get("homography_pairs", 0.0) > params.gate_max_rotation_only and residual is not None \
+    if numbers.get("homography_pairs", 0.0) > params.max_rotation_only and residual is not None \
             and residual < ROTATION_H_TOL:
         why.append(f"{NO_BASELINE}: {numbers['homography_pairs']:.0%} of the verified pairs are homographies "
-                   f"> {params.gate_max_rotation_only:.0%}, and rotations (calibrated singular values "
+                   f"> {params.max_rotation_only:.0%}, and rotations (calibrated singular values "
                    f"{residual:.3f} apart < {ROTATION_H_TOL})")
-    if numbers["reprojection_error_px"] > params.gate_max_reprojection_px:
-        why.append(f"reprojection {numbers['reprojection_error_px']:.2f} px > {params.gate_max_reprojection_px}")
-    if numbers["track_length"] < params.gate_min_track_length:
-        why.append(f"track length {numbers['track_length']:.2f} < {params.gate_min_track_length}")
-    lo, hi = params.gate_fov_deg
+    if numbers["reprojection_error_px"] > params.max_reprojection_px:
+        why.append(f"reprojection {numbers['reprojection_error_px']:.2f} px > {params.max_reprojection_px}")
+    if numbers["track_length"] < params.min_track_length:
+        why.append(f"track length {numbers['track_length']:.2f} < {params.min_track_length}")
+    lo, hi = params.fov_deg
     bad_fov = [f for f in numbers["fov_deg"] if not lo <= f <= hi]
     if bad_fov:
         why.append(f"implausible field of view {bad_fov} deg on the long side (focal length wrong?)")
-    if numbers.get("step_ratio", 0) > params.gate_max_step_ratio:
+    if numbers.get("step_ratio", 0) > params.max_step_ratio:
         why.append(f"camera path jumps: a step {numbers['step_ratio']:.1f}x its neighbours' "
-                   f"({numbers['step_ratio_at']}) > {params.gate_max_step_ratio}")
-    if numbers.get("max_turn_deg", 0) > params.gate_max_turn_deg:
+                   f"({numbers['step_ratio_at']}) > {params.max_step_ratio}")
+    if numbers.get("max_turn_deg", 0) > params.max_turn_deg:
         why.append(f"camera path turns {numbers['max_turn_deg']:.1f} deg between consecutive frames > "
-                   f"{params.gate_max_turn_deg}")
+                   f"{params.max_turn_deg}")
     cross = numbers.get("cross_check") or {}
     if cross.get("mapper") and not cross.get("shared_images"):
         why.append(f"cross-check: the {cross['mapper']} mapper shares fewer than 3 images with this model")
     elif cross.get("shared_images"):
         what = []
-        if cross["focal_rel"] > params.gate_max_focal_disagreement:
+        if cross["focal_rel"] > params.max_focal_disagreement:
             what.append(f"focal lengths {cross['focal_rel']:.1%} apart")
-        if cross["rotation_deg_median"] > params.gate_max_rotation_disagreement_deg:
+        if cross["rotation_deg_median"] > params.max_rotation_disagreement_deg:
             what.append(f"orientations {cross['rotation_deg_median']:.2f} deg apart")
-        if cross["position_median_of_path"] > params.gate_max_position_disagreement:
+        if cross["position_median_of_path"] > params.max_position_disagreement:
             what.append(f"positions {cross['position_median_of_path']:.1%} of the path apart")
         if what:
             why.append(f"cross-check: the {cross['mapper']} mapper disagrees ({', '.join(what)})")
@@ -840,31 +693,42 @@ class _Work:
 
     def __init__(self, root: Path, frames: Frames, params: SfmParams):
         self.root, self.frames, self.params = root, frames, params
-        self.features: dict[tuple, Path] = {}
+        self.features: dict[tuple, tuple[Path, dict]] = {}
         self.matched: dict[tuple, tuple[Path, int, dict]] = {}
         self.models: dict[tuple, dict[int, Any]] = {}
         self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0}
+
+    def features_used(self, att: Attempt) -> dict:
+        """The extraction values the attempt's features were made with (the user's overrides win)."""
+        return self.features[(att.max_num_features, att.upsample)][1]
 
     def database(self, att: Attempt) -> tuple[Path, int, dict]:
         """A database holding the attempt's features and verified matches, the number of pairs tried, and the
         verified two-view geometries (read once, shared by the rungs that reuse these matches)."""
         if att.matches_key not in self.matched:
             fkey = (att.max_num_features, att.upsample)
+            fr, p = self.frames, self.params
             t0 = time.perf_counter()
             if fkey not in self.features:
                 db = self.root / f"features_{att.max_num_features}_{int(att.upsample)}.db"
-                log.info("features: %s, %d per image%s, %d images", self.params.features, att.max_num_features,
-                         " (upsampled octave)" if att.upsample else "", len(self.frames.names))
-                extract(db, self.frames, self.params, att.max_num_features, att.upsample)
-                self.features[fkey] = db
+                log.info("features: %s, %d per image%s, %d images", p.features, att.max_num_features,
+                         " (upsampled octave)" if att.upsample else "", len(fr.names))
+                used = extract(db, fr.image_dir, fr.groups, fr.intrinsics, fr.names, features=p.features,
+                               max_num_features=att.max_num_features, upsample=att.upsample,
+                               overrides=p.extraction, camera_model=p.camera_model, device=p.device)
+                self.features[fkey] = (db, used)
             t1 = time.perf_counter()
             self.seconds["features"] += t1 - t0
             db = self.root / f"matches_{len(self.matched)}.db"
-            shutil.copy(self.features[fkey], db)
+            shutil.copy(self.features[fkey][0], db)
             log.info("matching: %s%s", att.matcher, f" (overlap {att.overlap})" if att.matcher == "sequential" else "")
-            n_pairs = match(db, self.root, self.frames, self.params, att)
+            pairs = PAIRS[att.matcher].make(db, fr.names, overlap=att.overlap, neighbors=att.neighbors,
+                                            loop_neighbors=p.loop_closure_neighbors, seed=p.seed)
+            match(db, pairs, self.root / f"pairs_{att.name}.txt", features=p.features,
+                  max_num_features=self.features[fkey][1]["max_num_features"], matching=p.matching,
+                  verification=p.verification, seed=p.seed, device=p.device)
             self.seconds["matching"] += time.perf_counter() - t1
-            self.matched[att.matches_key] = (db, n_pairs, verified_pairs(db))
+            self.matched[att.matches_key] = (db, len(pairs), verified_pairs(db))
         return self.matched[att.matches_key]
 
     def map(self, att: Attempt, mapper: str, image_names: list[str] | None = None) -> dict[int, Any]:
@@ -889,7 +753,10 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
     t_start = time.perf_counter()
     quiet_colmap(params.verbose)
     pycolmap.set_random_seed(params.seed)
+    # One device choice per run: every COLMAP call below sees "cuda" or "cpu", and metrics.json records it.
+    params = dataclasses.replace(params, device=pick_colmap_device(params.device))
     fr = read_frames(Path(frames))
+    check_options(fr, params)
     if len(fr.names) < params.min_images:
         raise StageError(f"only {len(fr.names)} mapping image(s) in {frames} (SfM needs sfm.min_images="
                          f"{params.min_images}); add images or lower ingest.query_every / sfm.min_images")
@@ -916,7 +783,8 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                     att = dataclasses.replace(att, matcher=first_matcher(fr, params, False))
                     continue
             models = work.map(att, att.mapper)
-            record = {**dataclasses.asdict(att), "pairs": n_pairs, "verified_pairs": len(geoms), "models": len(models)}
+            record = {**dataclasses.asdict(att), **work.features_used(att), "pairs": n_pairs,
+                      "verified_pairs": len(geoms), "models": len(models)}
             rec = _largest(models)
             if rec is None:
                 record.update(registered_ratio=0.0, rejected=["no model: too few verified matches or no baseline"])
@@ -935,7 +803,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 # A second model only matters when it holds images the main one lacks (registered_ratio says so).
                 extra = [sorted(im.name for im in r.images.values() if im.has_pose and im.name not in main_names)
                          for r in models.values() if r is not rec]
-                record.update(numbers, rejected=gate(numbers, params), other_models=[m for m in extra if m])
+                record.update(numbers, rejected=gate(numbers, params.gate), other_models=[m for m in extra if m])
                 score = (not record["rejected"], numbers["registered"], -len(record["rejected"]))
                 if best is None or score > best[2]:
                     best = (rec, record, score)
@@ -954,7 +822,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
         if any(r.startswith(NO_BASELINE) for r in chosen["rejected"]):
             raise StageError(f"{NO_BASELINE} in {frames}: the camera rotated in place ("
                              f"{chosen['homography_pairs']:.0%} of the image pairs), so no 3D structure can be "
-                             "triangulated; capture while moving the camera, or raise sfm.gate_max_rotation_only")
+                             "triangulated; capture while moving the camera, or raise sfm.gate.max_rotation_only")
         seconds = dict(work.seconds)
         t0 = time.perf_counter()
         scale_info, world_from_mapper = gravity_and_scale(rec, fr.names, params, fr.settings)
@@ -991,7 +859,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 "gt_metric": fr.metric,
                 # Estimated units per ground-truth unit; 1.0 is a perfect scale on a metric scene with metric: true.
                 "scale_vs_gt": (1.0 / errors["sim3_scale"]) if errors else None,
-                "device": "cuda" if _use_gpu(params) else "cpu",
+                "device": params.device,
                 "seconds": round(seconds["total"], 2),
                 "seconds_per_phase": {k: round(v, 2) for k, v in seconds.items()},
                 "attempts": attempts,

@@ -97,7 +97,7 @@ def test_ladder_escalates_when_the_first_attempt_fails_the_gate(tiny_frames, tmp
     # A track-length bar no model of 16 frames can reach: every rung runs, each changing something (more
     # features and wider matching, then exhaustive pairs, then the incremental mapper), each is recorded with
     # why it was rejected, and the best is kept.
-    params = dataclasses.replace(TINY_SFM, gate_min_track_length=50.0, max_num_features=1024)
+    params = dataclasses.replace(TINY_SFM, gate=sfm.GateParams(min_track_length=50.0), max_num_features=1024)
     res = sfm.run(params, frames=tiny_frames, out_dir=tmp_path / "out")
     attempts = res.metrics["attempts"]
     assert [a["name"] for a in attempts] == ["base", "more_features", "other_matcher", "other_mapper"]
@@ -133,7 +133,7 @@ GOOD = {"registered_ratio": 1.0, "reprojection_error_px": 0.6, "track_length": 5
 
 
 def test_health_gate_catches_wrong_models():
-    p = sfm.SfmParams()
+    p = sfm.GateParams()
     assert sfm.gate(GOOD, p) == []
     assert any("field of view" in w for w in sfm.gate({**GOOD, "fov_deg": [170.0]}, p))
     assert any("jumps" in w for w in sfm.gate({**GOOD, "step_ratio": 12.0}, p))
@@ -152,8 +152,8 @@ def test_health_gate_catches_wrong_models():
 
 def test_a_stray_second_model_is_no_reason_to_reject():
     # every image is in the main model; a two-image model beside it changes nothing
-    assert sfm.gate({**GOOD, "models": 2}, sfm.SfmParams()) == []
-    assert "(2 models)" in sfm.gate({**GOOD, "models": 2, "registered_ratio": 0.8}, sfm.SfmParams())[0]
+    assert sfm.gate({**GOOD, "models": 2}, sfm.GateParams()) == []
+    assert "(2 models)" in sfm.gate({**GOOD, "models": 2, "registered_ratio": 0.8}, sfm.GateParams())[0]
 
 
 def test_fov_is_measured_on_the_long_side():
@@ -282,6 +282,34 @@ def test_unknown_pycolmap_option_is_named():
         sfm.merge_options(pycolmap.FeatureExtractionOptions(), {"sift": {"max_num_feature": 5}}, "extraction")
 
 
+def test_each_mapper_section_is_checked_against_its_own_mapper_before_any_work(tiny_frames, tmp_path):
+    frames = sfm.read_frames(tiny_frames)
+    # an incremental mapper's key under global_mapping: an error at once, naming the section and the class
+    bad = dataclasses.replace(TINY_SFM, global_mapping={"ba_refine_focal_length": True})
+    with pytest.raises(StageError, match=r"sfm.global_mapping: 'ba_refine_focal_length' is not a pycolmap option "
+                                         r"of GlobalPipelineOptions"):
+        sfm.run(bad, frames=tiny_frames, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # each section lands in its own mapper's options only, over our defaults
+    p = dataclasses.replace(TINY_SFM, global_mapping={"mapper": {"ba_num_iterations": 2}},
+                            incremental_mapping={"ba_refine_focal_length": True, "mapper": {"init_max_forward_motion": 0.9}})
+    assert sfm.mapper_options("global", frames, p).mapper.ba_num_iterations == 2
+    inc = sfm.mapper_options("incremental", frames, p)
+    assert inc.mapper.init_max_forward_motion == 0.9 and inc.ba_refine_focal_length
+    assert sfm.mapper_options("incremental", frames, TINY_SFM).mapper.init_max_forward_motion == 1.0  # ours
+
+
+def test_user_extraction_values_win_over_the_ladder_only_where_set():
+    from stages.common.colmap import extraction_options
+
+    ladder = extraction_options("sift", 4096, True, {})
+    assert (ladder.sift.max_num_features, ladder.sift.first_octave) == (4096, -1)  # the ladder's rung
+    user = extraction_options("sift", 4096, True, {"sift": {"max_num_features": 1000}})
+    assert (user.sift.max_num_features, user.sift.first_octave) == (1000, -1)  # the user's value, the ladder's other
+    preset = extraction_options("sift", 2048, False, {})
+    assert preset.sift.first_octave == 0  # the sift preset: native resolution
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -327,7 +355,7 @@ def _rotating_views() -> tuple[list[np.ndarray], tuple]:
 def test_pure_rotation_is_one_clear_error(tmp_path):
     views, K = _rotating_views()
     frames = _scene_from_images(tmp_path, views, K)
-    _assert_fails_cleanly(frames, tmp_path / "out", r"no baseline \(pure rotation\).*sfm.gate_max_rotation_only",
+    _assert_fails_cleanly(frames, tmp_path / "out", r"no baseline \(pure rotation\).*sfm.gate.max_rotation_only",
                           max_attempts=2)
 
 

@@ -1,4 +1,4 @@
-"""Choosing the compute device once per stage run."""
+"""Choosing the compute device once per stage run (torch for rendering and learning, pycolmap for COLMAP)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,15 @@ def pick_device(pref: str = "auto") -> str:
     if pref not in ("cpu", "cuda"):
         raise StageError(f"device: {pref!r} is not allowed; use one of 'auto', 'cpu', 'cuda'")
     return pref
+
+
+def pick_colmap_device(pref: str = "auto") -> str:
+    """Return "cuda" or "cpu" for COLMAP work: cuda needs pycolmap's CUDA build (the `gpu` extra)."""
+    import pycolmap
+
+    if pref not in ("auto", "cpu", "cuda"):
+        raise StageError(f"device: {pref!r} is not allowed; use one of 'auto', 'cpu', 'cuda'")
+    if pref == "cuda" and not pycolmap.has_cuda:
+        raise StageError("device: cuda was asked for but this pycolmap has no CUDA; install the gpu extra "
+                         "(pycolmap-cuda12) or set device: auto")
+    return "cuda" if pref != "cpu" and pycolmap.has_cuda else "cpu"

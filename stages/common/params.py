@@ -116,7 +116,17 @@ def build(cls: type[T], section: dict | None, where: str) -> T:
     return obj
 
 
+SHARED_KEYS = ("seed", "device")
+"""Top-level params.yaml keys every stage with a field of that name takes, unless its own section sets it."""
+
+
 def load_section(params_path: str | Path, section: str, cls: type[T]) -> T:
-    """Load section `section` of params.yaml as `cls`; a missing section uses the defaults."""
+    """Load section `section` of params.yaml as `cls`, with the shared top-level keys (SHARED_KEYS) filled in
+    where `cls` has them and the section does not set them; a missing section uses the defaults."""
     data = read_yaml(params_path)
-    return build(cls, data.get(section), f"{Path(params_path).name}:{section}")
+    values = data.get(section)
+    if values is None or isinstance(values, dict):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        shared = {k: data[k] for k in SHARED_KEYS if k in data and k in fields and k not in (values or {})}
+        values = {**shared, **(values or {})}
+    return build(cls, values, f"{Path(params_path).name}:{section}")
