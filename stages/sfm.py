@@ -621,10 +621,11 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: S
                   else "params.yaml", "metric_scale_setting": settings.metric_scale}
     h_pts = pts @ up
     below = pts[h_pts < np.median(centers @ up) - 1e-9] if len(pts) else pts
-    normal, offset, inliers = up, float(np.percentile(h_pts, 5)) if len(pts) else 0.0, 0.0
-    if len(below) >= 20:
+    normal, offset = up, float(np.percentile(h_pts, GROUND_FALLBACK_PERCENTILE)) if len(pts) else 0.0
+    inliers = 0.0
+    if len(below) >= GROUND_MIN_POINTS:
         step = np.median(np.linalg.norm(np.diff(centers, axis=0), axis=1)) if len(centers) > 1 else 0.0
-        thresh = max(np.median(np.abs(np.diff(centers @ up))) + step, 1e-6) * 0.05
+        thresh = max(np.median(np.abs(np.diff(centers @ up))) + step, 1e-6) * GROUND_BAND
         normal, offset, inliers = _fit_ground(below, up, thresh, params.seed)
     evidence = scale_evidence(poses, normal, offset, inliers)
     ground = evidence["camera_height_model"] > 0

@@ -20,11 +20,9 @@ from stages.common.scene import INTRINSIC_KEYS
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.synth import Renderer, SynthParams, _pose, build_street, intrinsics
-from stages.synth import run as synth_run
-from tests.conftest import ROOT, real_scene
+from tests.conftest import DRIVE_SYNTH, ROOT, real_scene
 
-TINY = SynthParams(n_frames=16, width=320, height=180, n_queries=2, output="images", speed_mps=8.0,
-                   n_points=2000, supersample=1)
+TINY = SynthParams(**DRIVE_SYNTH)
 
 
 # 320x180 frames need SIFT's upsampled octave (first_octave -1) for enough features; the default (0) is for
@@ -33,12 +31,9 @@ TINY_SFM = sfm.SfmParams(extraction={"sift": {"first_octave": -1}})
 
 
 @pytest.fixture(scope="module")
-def tiny_frames(tmp_path_factory) -> Path:
-    """A 16-frame synthetic drive, ingested (known intrinsics and ground-truth poses)."""
-    root = tmp_path_factory.mktemp("tiny")
-    synth_run(TINY, out_dir=root / "raw")
-    ingest_run(IngestParams(query_every=0), scene_dir=root / "raw", out_dir=root / "frames")
-    return root / "frames"
+def tiny_frames(drive_frames) -> Path:
+    """The 16-frame synthetic drive of conftest, ingested."""
+    return drive_frames
 
 
 @pytest.fixture(scope="module")

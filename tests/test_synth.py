@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from stages import synth
+from stages.common.device import pick_device
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
-from stages.common.device import pick_device
 from stages.common.params import build
 from stages.common.scene import read_transforms
+from tests.conftest import LAYOUT_SYNTH, SMALL_SYNTH, TINY_SYNTH
 
-SMALL = dict(n_frames=6, width=320, height=180, n_queries=2, n_points=20_000)
-TINY = dict(n_frames=3, width=160, height=90, n_queries=1, n_points=2_000)
+SMALL, TINY, LAYOUT = SMALL_SYNTH, TINY_SYNTH, LAYOUT_SYNTH
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +256,6 @@ def test_bad_params_name_the_key(tmp_path, capsys):
 # ---- Road layouts with turns (road: curve | junction) ----
 
 # 8 m between frames: 8 frames cover the whole bend or turn, with straight road before and after.
-LAYOUT = dict(n_frames=8, width=320, height=180, n_queries=2, n_points=20_000, output="images", speed_mps=80.0,
-              device="cpu")
 # A fingerprint of the default straight street at TINY size (decoded images and depth, transforms.json,
 # hdmap.geojson, points.ply), rendered by the synth stage before road layouts existed.
 STRAIGHT_TINY_FINGERPRINT = "dd1d1c1a877d9ba6edfa4c649003c202"
