@@ -63,7 +63,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.common.artifacts import GT_PREFIX, Capture, pose_columns, pose_record, write_ingest
+from stages.common.artifacts import GT_PREFIX, METRICS, Capture, pose_columns, pose_record, write_ingest
 from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
 from stages.common.outputs import atomic_dir, write_json
@@ -890,7 +890,7 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
             **facts,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / METRICS, metrics)
 
     log.info("wrote %d mapping + %d query frames (%d camera group%s, %d quarantined, %d skipped) to %s in %.1f s",
              metrics["mapping_frames"], metrics["query_frames"], len(cameras), "" if len(cameras) == 1 else "s",

@@ -58,7 +58,7 @@ import numpy as np
 import pycolmap
 
 from stages.common.align import Sim3, pose_errors, rotation_angle_deg
-from stages.common.artifacts import Alignment, Frames, evaluate_poses, read_ingest, write_sfm
+from stages.common.artifacts import METRICS, Alignment, Frames, evaluate_poses, read_ingest, write_sfm
 from stages.common.colmap import (
     PAIRS,
     extract,
@@ -865,7 +865,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 "seconds_per_phase": {k: round(v, 2) for k, v in seconds.items()},
                 "attempts": attempts,
             }
-            write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / METRICS, metrics)
     log.info("registered %d/%d images (%s), gate %s, %.1f s", chosen["registered"], len(fr.names), chosen["name"],
              "passed" if metrics["gate_passed"] else "FAILED: " + "; ".join(chosen["rejected"]), seconds["total"])
     return SfmResult(Path(out_dir), metrics, rec)
