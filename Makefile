@@ -14,9 +14,9 @@ demo: install
 	@echo
 	@echo "Done. Look at the results:"
 	@echo "  data/raw/street/          the rendered default scene (video.mp4, queries/, transforms.json, hdmap.geojson, points.ply)"
-	@echo "  data/ingest/street/       keyframes (images/, queries/), manifest.csv, cameras.json, metrics.json"
-	@echo "  data/sfm/street/          COLMAP model/, poses.csv, sparse.ply, metrics.json (pose errors vs ground truth)"
-	@echo "  dvc metrics show          every stage's numbers;  dvc dag  the pipeline"
+	@echo "  data/ingest/street/       keyframes (images/, queries/), manifest.csv, cameras.json, capture.json, metrics.json"
+	@echo "  data/sfm/street/          COLMAP model/, poses.csv, sparse.ply, alignment.json, per_image.csv, metrics.json (errors vs ground truth)"
+	@echo "  dvc metrics show          every stage's numbers;  dvc plots show  per-frame series;  dvc dag  the pipeline"
 
 test: install
 	$(BIN)/python -m pytest
@@ -49,5 +49,7 @@ bench: install
 	$(BIN)/python bench/dvc_noop.py
 	$(BIN)/python bench/sfm.py
 
+# Pipeline outputs: only what git ignores, so the committed metrics.json and per_image.csv files stay.
 clean:
-	rm -rf $(VENV) .dvc/cache .dvc/tmp data/raw/street data/ingest data/sfm
+	rm -rf $(VENV) .dvc/cache .dvc/tmp
+	git clean -fdXq data

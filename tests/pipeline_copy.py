@@ -10,10 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import PIPELINE_SYNTH, ROOT
 
 # A tiny default scene: a few frames, small images, so a full `dvc repro` takes seconds.
-TINY_SYNTH = {"n_frames": 10, "width": 240, "height": 136, "n_queries": 3}
 
 
 def env_with_venv() -> dict:
@@ -24,21 +23,45 @@ def env_with_venv() -> dict:
     return env
 
 
-def make_copy(dst: Path, synth: dict | None = None, ingest: dict | None = None) -> Path:
-    """Copy code, dvc.yaml and params.yaml into `dst`, `dvc init --no-scm` there, set small params."""
+def make_copy(dst: Path, synth: dict | None = None, ingest: dict | None = None, git: bool = False) -> Path:
+    """Copy code, dvc.yaml and params.yaml into `dst`, `dvc init` there, set small params.
+
+    With `git`, the copy is a git repository with this checkout's .gitignore and everything committed, as
+    a user's clone is (`dvc exp`, `dvc metrics diff` and `dvc params diff` need one); otherwise
+    `dvc init --no-scm`.
+    """
     for name in ("stages", "flows"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, dst / name)
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["synth"] = {**(params.get("synth") or {}), **TINY_SYNTH, **(synth or {})}
+    params["synth"] = {**(params.get("synth") or {}), **PIPELINE_SYNTH, **(synth or {})}
     params["ingest"] = {**(params.get("ingest") or {}), **(ingest or {})}
     if not synth:  # tiny frames need SIFT's upsampled octave for enough features
         params["sfm"] = {**params["sfm"], "extraction": {"sift": {"first_octave": -1}}}
     write_params(dst, params)
-    dvc(dst, "init", "--no-scm", "-q")
+    if git:
+        run_git(dst, "init", "-q")
+        # A fixed author in the copy's own config: `dvc exp run` commits through DVC's git library too.
+        run_git(dst, "config", "user.name", "scenepipe test")
+        run_git(dst, "config", "user.email", "test@scenepipe.invalid")
+        run_git(dst, "config", "commit.gpgsign", "false")
+        dvc(dst, "init", "-q")
+    else:
+        dvc(dst, "init", "--no-scm", "-q")
     dvc(dst, "config", "core.analytics", "false")
+    if git:
+        run_git(dst, "add", "-A")
+        run_git(dst, "commit", "-q", "-m", "copy of the repository")
     return dst
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    """Run `git ARGS` in `cwd`; a failure shows its output. Returns stdout."""
+    res = subprocess.run(["git", *args], cwd=cwd, env=env_with_venv(), capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res.stdout
 
 
 def write_params(dst: Path, params: dict) -> None:

@@ -10,8 +10,8 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +23,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `out_dir`; on success it replaces `out_dir`, on failure it goes."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _new_sibling_dir(out_dir)
     try:
         yield tmp
     except BaseException:
@@ -37,6 +37,22 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _new_sibling_dir(out_dir: Path) -> Path:
+    """Create `.<name>.tmp-<random>` next to `out_dir` with the user's umask, as `mkdir` does.
+
+    Not tempfile.mkdtemp: its folders are mode 0700 whatever the umask, and the folder becomes the
+    output itself, which other users and tools (a shared DVC cache, a web server) must be able to read.
+    """
+    for _ in range(100):
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary folder name next to {out_dir}")
 
 
 def _jsonable(value: Any) -> Any:
