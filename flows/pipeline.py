@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -24,8 +25,12 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-# Stages that use a GPU when one is present; their tasks carry the `gpu` tag.
-GPU_STAGES = frozenset({"sfm", "recon", "localize"})
+
+
+def uses_gpu(family: str) -> bool:
+    """A stage's own declaration (`USES_GPU` beside its params) of whether it uses a GPU when one is present;
+    its tasks then carry the `gpu` tag."""
+    return bool(getattr(importlib.import_module(f"stages.{family}"), "USES_GPU", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,7 @@ def pipeline(root: str = ".", targets: list[str] | None = None) -> dict:
     for spec in specs:
         if spec.name not in stale:
             continue
-        tags = ["gpu"] if spec.family in GPU_STAGES else []
+        tags = ["gpu"] if uses_gpu(spec.family) else []
         futures[spec.name] = run_stage.with_options(task_run_name=spec.name, tags=tags).submit(
             spec.name, spec.cmd, str(root_p), wait_for=[futures[u] for u in spec.upstream if u in futures]
         )

@@ -128,6 +128,8 @@ MANIFEST_COLUMNS = [
     "name", "source", "frame_index", "timestamp", "split", "reason", "sharpness", "sharpness_rel", "motion_px",
     "camera", "width", "height", "src_width", "src_height", "make", "model", *pose_columns(GT_PREFIX),
 ]
+# Decoding and scoring frames is CPU work.
+USES_GPU = False
 JPEG_QUALITY = 95
 # Relative sharpness compares a frame with the median of this many frames on each side.
 BLUR_NEIGHBOURS = 3

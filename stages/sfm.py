@@ -81,6 +81,8 @@ log = logging.getLogger("scenepipe.sfm")
 NO_BASELINE = "no baseline (pure rotation)"
 INPUTS = {"frames": "ingest output folder: images/, manifest.csv, cameras.json, capture.json, scene.yaml"}
 OUTPUTS = {"out": "output folder: model/, poses.csv, sparse.ply, alignment.json, per_image.csv, metrics.json"}
+# COLMAP extraction, matching and bundle adjustment run on CUDA with pycolmap's CUDA build (flows tag `gpu`).
+USES_GPU = True
 
 # An ordered capture is trusted as a sequence when at least this share of consecutive frames overlap.
 MIN_SEQUENCE_OVERLAP = 0.8

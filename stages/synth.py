@@ -74,7 +74,9 @@ from stages.common.params import load_section, require
 log = logging.getLogger("scenepipe.synth")
 
 INPUTS: dict[str, str] = {}
-OUTPUTS = {"out": "scene folder to write (data/raw/<scene>); synth.json in it records the device and seconds"}
+OUTPUTS = {"out": "scene folder to write (data/raw/<scene>); synth.json in it records the device"}
+# Renders with torch on a GPU when one is present (flows tag its tasks `gpu`).
+USES_GPU = True
 SYNTH_RECORD = "synth.json"
 
 

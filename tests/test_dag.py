@@ -356,3 +356,9 @@ def test_prefect_flow_reports_a_failing_stage_in_one_line(tmp_path):
     assert res.returncode == 1
     assert "error: flow: 1 stage(s) failed" in res.stderr and "min_frames" in res.stderr
     assert "not run: sfm@street" in res.stderr
+
+
+def test_flows_tag_gpu_stages_from_the_stages_own_declaration():
+    from flows.pipeline import uses_gpu
+
+    assert uses_gpu("synth") and uses_gpu("sfm") and not uses_gpu("ingest")
