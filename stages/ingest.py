@@ -40,7 +40,7 @@ capture.json.
 Outputs in --out (layout owned by stages.common.artifacts): images/ and queries/ (frames), manifest.csv (one
 row per decoded video frame or input file, quarantined ones included; `name` is relative to --out),
 cameras.json (per camera group), capture.json (source kind, whether it is a sequence, whether ground truth is
-metric), scene.yaml, metrics.json.
+metric), scene.yaml, truth/ (the scene's hdmap.geojson and points.ply, when it has them), metrics.json.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class IngestParams:
 
 INPUTS = {"scene": "scene folder: images/ or one video, optional queries/, transforms.json and scene.yaml"}
 OUTPUTS = {"out": "output folder: images/, queries/, manifest.csv, cameras.json, scene.yaml, capture.json, "
-                  "metrics.json"}
+                  "truth/, metrics.json"}
 
 MANIFEST_COLUMNS = [
     "name", "source", "frame_index", "timestamp", "split", "reason", "sharpness", "sharpness_rel", "motion_px",
@@ -873,7 +873,7 @@ def run(params: IngestParams, *, scene_dir: Path, out_dir: Path) -> IngestResult
         manifest = _manifest(rows)
         capture = Capture("video" if inputs.video is not None else "images", inputs.sequence, inputs.sequence_from,
                           transforms.metric if transforms else None)
-        write_ingest(tmp, manifest, cameras, capture, settings)
+        write_ingest(tmp, manifest, cameras, capture, settings, scene_dir)
         split = Counter(r.split for r in rows)
         metrics = {
             "source_kind": capture.source_kind,

@@ -667,6 +667,7 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: S
         "scale": float(scale),
         "ground_inlier_ratio": float(inliers),
         "scale_confidence": confidence,
+        "ground": bool(ground),
         "scale_evidence": evidence,
     })
     return info, applied
@@ -837,7 +838,9 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
         per_image.insert(2, "reprojection_error_px", [reproj.get(n, math.nan) for n in per_image["image"]])
         with atomic_dir(out_dir) as tmp:
             write_sfm(tmp, rec, fr, {n: r for n, r in others.items() if n not in est},
-                      Alignment(world_from_mapper, scale_info["metric"], gt_from_world), per_image)
+                      Alignment(world_from_mapper, scale_info["metric"], gt_from_world,
+                                ground=scale_info["ground"], driving_confidence=scale_info["scale_confidence"]),
+                      per_image)
             seconds["total"] = time.perf_counter() - t_start
             metrics = {
                 "images": len(fr.names),

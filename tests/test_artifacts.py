@@ -87,3 +87,10 @@ def test_readers_name_the_missing_file_and_the_stage_to_run(tmp_path):
         art.read_ingest(tmp_path)
     with pytest.raises(StageError, match=r"model not found; run the sfm stage"):
         art.read_sfm(tmp_path)
+
+
+def test_ingest_carries_the_scene_ground_truth_files(drive_frames):
+    frames = art.read_ingest(drive_frames)
+    for name in art.TRUTH_FILES:  # synth writes both; ingest copies them for evaluation
+        assert frames.truth(name) is not None and frames.truth(name).stat().st_size > 100
+    assert frames.truth("nothing.json") is None

@@ -231,29 +231,32 @@ def test_scene_settings_default_when_absent_and_round_trip(tmp_path):
     assert read_scene_settings(tmp_path) == SceneSettings()
     (tmp_path / "scene.yaml").write_text("")
     assert read_scene_settings(tmp_path) == SceneSettings()
-    (tmp_path / "scene.yaml").write_text("camera_height_m: 2\nmetric_scale: camera_height\nsequence: false\n")
+    (tmp_path / "scene.yaml").write_text("camera_height_m: 2\nmetric_scale: camera_height\nsequence: false\n"
+                                         "geo_origin: [49.01, 8.43]\n")
     s = read_scene_settings(tmp_path)
-    assert s == SceneSettings(camera_height_m=2.0, metric_scale="camera_height", sequence=False)
+    assert s == SceneSettings(camera_height_m=2.0, metric_scale="camera_height", sequence=False,
+                              geo_origin=(49.01, 8.43))
     assert isinstance(s.camera_height_m, float)
     out = tmp_path / "out"
     out.mkdir()
     for settings in (s, SceneSettings()):
         write_scene_settings(out, settings)
         data = yaml.safe_load((out / "scene.yaml").read_text())
-        assert list(data) == ["camera_height_m", "metric_scale", "sequence"]  # every key, nulls included
+        assert list(data) == ["camera_height_m", "metric_scale", "sequence", "geo_origin"]  # every key, nulls too
         assert read_scene_settings(out) == settings
-    assert data == {"camera_height_m": None, "metric_scale": "auto", "sequence": None}
+    assert data == {"camera_height_m": None, "metric_scale": "auto", "sequence": None, "geo_origin": None}
 
 
 @pytest.mark.parametrize("text, match", [
     ("camera_hieght_m: 1.6\n", r"scene.yaml: unknown key 'camera_hieght_m'; allowed keys are camera_height_m, "
-                                r"metric_scale, sequence$"),
+                                r"geo_origin, metric_scale, sequence$"),
     ("camera_height_m: -1.6\n", r"scene.yaml: camera_height_m: -1.6 is not allowed; it must be a height > 0"),
     ("camera_height_m: 0\n", r"scene.yaml: camera_height_m: 0.0 is not allowed"),
     ("camera_height_m: high\n", r"scene.yaml: camera_height_m: expected a number, got 'high'$"),
     ("metric_scale: metres\n", r"scene.yaml: metric_scale: 'metres' is not allowed; use one of 'auto', "
                                 r"'camera_height', 'none'$"),
     ("sequence: maybe\n", r"scene.yaml: sequence: expected true or false, got 'maybe'$"),
+    ("geo_origin: [120, 8]\n", r"scene.yaml: geo_origin: \(120.0, 8.0\) is not allowed; it must be \[latitude, "),
     ("- 1\n- 2\n", r"scene.yaml must hold a mapping of settings .*found list; fix or remove it$"),
     ("camera_height_m: [1\n", r"scene.yaml is not valid YAML .*; fix or remove it$"),
 ])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,10 @@ MANIFEST = "manifest.csv"
 CAMERAS = "cameras.json"
 CAPTURE = "capture.json"
 METRICS = "metrics.json"
-INGEST_OUTPUTS = (IMAGES_DIR, QUERIES_DIR, MANIFEST, CAMERAS, "scene.yaml", CAPTURE)
+TRUTH_DIR = "truth"
+"""Ground truth beyond poses, copied from the scene folder for evaluation only (never to build)."""
+TRUTH_FILES = ("hdmap.geojson", "points.ply")
+INGEST_OUTPUTS = (IMAGES_DIR, QUERIES_DIR, MANIFEST, CAMERAS, "scene.yaml", CAPTURE, TRUTH_DIR)
 INGEST_METRICS = METRICS
 INGEST_PLOTS = MANIFEST
 
@@ -123,6 +127,11 @@ class Frames:
     query_gt: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Query name -> ground-truth cam_from_world (3x4)."""
 
+    def truth(self, name: str) -> Path | None:
+        """A ground-truth file of the scene (one of TRUTH_FILES), or None when the scene has none."""
+        path = self.image_dir / TRUTH_DIR / name
+        return path if path.is_file() else None
+
     @property
     def focal_known(self) -> bool:
         """Every camera group has known intrinsics."""
@@ -170,8 +179,13 @@ def capture_positions(manifest: pd.DataFrame, is_video: bool) -> dict[str, float
 
 
 def write_ingest(folder: Path, manifest: pd.DataFrame, cameras: dict, capture: Capture,
-                 settings: SceneSettings) -> None:
-    """Ingest's declared files (the frames themselves are written as they are decoded)."""
+                 settings: SceneSettings, scene_dir: Path) -> None:
+    """Ingest's declared files (the frames themselves are written as they are decoded); the scene's other
+    ground truth (TRUTH_FILES) is copied into truth/, which exists, possibly empty, for every scene."""
+    (folder / TRUTH_DIR).mkdir(exist_ok=True)
+    for name in TRUTH_FILES:
+        if (Path(scene_dir) / name).is_file():
+            shutil.copyfile(Path(scene_dir) / name, folder / TRUTH_DIR / name)
     manifest.to_csv(folder / MANIFEST, index=False)
     write_json(folder / CAMERAS, cameras)
     write_capture(folder, capture)
@@ -209,12 +223,18 @@ class Alignment:
     """The world is in metres (scaled from the camera height)."""
     gt_from_world: Sim3 | None = None
     """x_gt = s R x_world + t, fitted to the ground-truth poses (None without ground truth)."""
+    ground: bool = False
+    """A ground plane was found below the cameras (z = 0); else z = 0 is the points' median height."""
+    driving_confidence: float = 0.0
+    """How much the capture looks like a camera driven over that ground (sfm's scale confidence, 0..1)."""
 
     def to_json(self) -> dict:
         return {"convention": "x_to = scale * R @ x_from + t; poses are cam_from_world",
-                "world": "z up, ground plane at z = 0" + (", metres" if self.metric else ", unscaled"),
+                "world": "z up, " + ("ground plane at z = 0" if self.ground else "no ground found, z = 0 at the "
+                                     "points' median height") + (", metres" if self.metric else ", unscaled"),
                 "world_from_mapper": sim3_dict(self.world_from_mapper), "metric": self.metric,
-                "gt_from_world": sim3_dict(self.gt_from_world)}
+                "gt_from_world": sim3_dict(self.gt_from_world), "ground": self.ground,
+                "driving_confidence": self.driving_confidence}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +286,8 @@ def read_sfm(folder: str | Path) -> SparseModel:
             raise StageError(f"{folder / name} not found; run the sfm stage for this scene first")
     poses = poses_from_table(pd.read_csv(folder / POSES), POSE_PREFIX, "image")
     a = json.loads((folder / ALIGNMENT).read_text())
-    alignment = Alignment(sim3_from_dict(a["world_from_mapper"]), bool(a["metric"]), sim3_from_dict(a["gt_from_world"]))
+    alignment = Alignment(sim3_from_dict(a["world_from_mapper"]), bool(a["metric"]), sim3_from_dict(a["gt_from_world"]),
+                          bool(a.get("ground", False)), float(a.get("driving_confidence", 0.0)))
     return SparseModel(folder, poses, alignment)
 
 

@@ -204,12 +204,18 @@ class SceneSettings:
     """Metric scale from camera height: auto (if sfm finds a ground plane under the cameras), camera_height, none."""
     sequence: bool | None = None
     """Force (true/false) whether images/ is an ordered sequence; null = decide from the file names."""
+    geo_origin: tuple[float, float] | None = None
+    """Latitude and longitude (degrees, WGS84) of the map's local origin, for map exports (Lanelet2 OSM);
+    null = hdmap.geo_origin from params.yaml."""
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a StageError naming the file (stages.common.params.build).
         require(self, [  # (ok, key, what is required)
             (self.camera_height_m is None or 0 < self.camera_height_m < math.inf, "camera_height_m",
              "is not allowed; it must be a height > 0 in metres, or null to use params.yaml"),
+            (self.geo_origin is None or (len(self.geo_origin) == 2 and -90 <= self.geo_origin[0] <= 90
+                                         and -180 <= self.geo_origin[1] <= 180), "geo_origin",
+             "is not allowed; it must be [latitude, longitude] in degrees, or null to use params.yaml"),
         ])
 
 
@@ -235,7 +241,8 @@ def read_scene_settings(folder: str | Path) -> SceneSettings:
 def write_scene_settings(folder: str | Path, settings: SceneSettings) -> Path:
     """Write every key of `settings` (nulls included) to `folder/scene.yaml`, readable by `read_scene_settings`."""
     path = Path(folder) / SCENE_SETTINGS_FILE
-    text = yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False, default_flow_style=False)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    text = yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
     path.write_text("# Per-scene settings (the scene's scene.yaml over the defaults); null: params.yaml or "
                     "decided by the stages.\n" + text)
     return path
