@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 DECLARED = {
     "ingest": (set(art.INGEST_OUTPUTS), art.INGEST_METRICS),
     "sfm": (set(art.SFM_OUTPUTS), art.SFM_METRICS),
+    "hdmap": (set(art.HDMAP_OUTPUTS), art.HDMAP_METRICS),
 }
 
 

@@ -291,6 +291,39 @@ def read_sfm(folder: str | Path) -> SparseModel:
     return SparseModel(folder, poses, alignment)
 
 
+# ------------------------------------------------------------------------------------------------- hdmap
+
+HDMAP_OUTPUTS = ("hdmap.geojson", "map.osm", "rasters.npz", "surface.npz", "ortho.png", "ortho.json", "overlay.png")
+HDMAP_METRICS = METRICS
+
+
+@dataclasses.dataclass(frozen=True)
+class MapRasters:
+    """hdmap's raster channels for map-based localization (rasters.npz), in sfm's world."""
+
+    channels: np.ndarray
+    """(C, H, W) uint8 0/1 layers."""
+    names: list[str]
+    world_from_pixel: np.ndarray
+    """3x3 affine: [x, y, 1] = world_from_pixel @ [col, row, 1]."""
+
+    def channel(self, name: str) -> np.ndarray:
+        return self.channels[self.names.index(name)]
+
+
+def write_map_rasters(path: Path, rasters: MapRasters) -> None:
+    np.savez_compressed(path, channels=rasters.channels, names=np.array(rasters.names),
+                        world_from_pixel=rasters.world_from_pixel)
+
+
+def read_map_rasters(folder: str | Path) -> MapRasters:
+    path = Path(folder) / "rasters.npz"
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the hdmap stage for this scene first")
+    with np.load(path) as z:
+        return MapRasters(z["channels"], [str(n) for n in z["names"]], z["world_from_pixel"])
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 
 

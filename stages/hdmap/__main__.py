@@ -1,0 +1,7 @@
+"""python -m stages.hdmap"""
+
+import sys
+
+from stages.hdmap import main
+
+sys.exit(main())

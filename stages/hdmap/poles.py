@@ -1,0 +1,211 @@
+"""Pole-like objects: vertical thin structures found by voting over the frames.
+
+A pole standing at (x, y) on the road surface projects, in every frame that sees it, onto a near-vertical thin
+bar from its foot upwards. Each frame gets a bar-response map (at a few widths: the centre of a window differs
+from both flanks in the same sense, as a thin bar does and an edge or a wide surface does not), normalised by
+its own upper percentile so frames and captures compare. Every ground cell of the map then collects, from each
+frame that sees it within range, the mean response along the projected vertical segment between
+POLE_SAMPLE_HEIGHTS, at the width a pole of nominal radius has at that depth. A pole keeps a high mean over
+most views; a cell of road, wall or sky collects a bar only by chance in a few. Peaks above `min_score` seen
+from at least `min_views` frames are poles; the height is where the vote along the pole drops, the radius
+comes from the width that responds best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from stages.hdmap.ortho import View, sample_bilinear
+from stages.hdmap.surface import HeightField, Raster
+
+# Heights above the surface (m) sampled along a candidate pole: above kerbs and car bumpers' clutter, below
+# where most poles end.
+POLE_SAMPLE_HEIGHTS = (0.8, 1.2, 1.6, 2.0, 2.4)
+# Bar half-widths (px) of the response pyramid; a pole of radius r at depth d is 2 r f / d px wide.
+BAR_HALF_WIDTHS = (1, 2, 3, 5, 8, 12)
+# Each frame's responses are divided by this percentile of its own responses.
+NORM_PERCENTILE = 99.0
+# Vertical smoothing of the bar response (px): a pole is a long vertical structure.
+VERTICAL_SMOOTH_PX = 9
+# Sparse points between these heights above the surface (m) make walls, cars and hedges.
+WALL_HEIGHTS = (0.3, 8.0)
+# A weaker peak seen within this bearing (degrees, median over the frames seeing both) of a stronger one is
+# its ghost along the viewing rays.
+GHOST_BEARING_DEG = 2.0
+# Heights (m) probed for a pole's top, and the share of the pole's lower response at which it counts as ended.
+TOP_PROBE = np.arange(0.5, 12.01, 0.25)
+TOP_DROP = 0.5
+
+
+@dataclasses.dataclass
+class Pole:
+    x: float
+    y: float
+    z: float
+    """Foot on the road surface."""
+    height: float
+    radius: float
+    score: float
+    views: int
+
+
+def bar_responses(grey: np.ndarray) -> np.ndarray:
+    """(len(BAR_HALF_WIDTHS), H, W) thin vertical bar responses, normalised by the image's own percentile."""
+    g = grey.astype(np.float32)
+    out = []
+    for hw in BAR_HALF_WIDTHS:
+        w = 2 * hw + 1
+        c = cv2.blur(g, (w, VERTICAL_SMOOTH_PX))
+        left = np.roll(c, w, axis=1)
+        right = np.roll(c, -w, axis=1)
+        r = np.maximum(np.minimum(c - left, c - right), np.minimum(left - c, right - c))
+        out.append(np.maximum(r, 0))
+    stack = np.stack(out)
+    stack[:, :, : 2 * BAR_HALF_WIDTHS[-1] + 1] = 0
+    stack[:, :, -2 * BAR_HALF_WIDTHS[-1] - 1:] = 0
+    scale = float(np.percentile(stack, NORM_PERCENTILE)) or 1.0
+    return stack / scale
+
+
+def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights: tuple[float, ...],
+          radius_m: float, range_m: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate: sum of per-view mean responses over the views that see the whole segment, their number,
+    and the mean response at each height over the views that see that height (N, len(heights))."""
+    total = np.zeros(len(X_N3))
+    count = np.zeros(len(X_N3), int)
+    per_h = np.zeros((len(X_N3), len(heights)))
+    seen_h = np.zeros((len(X_N3), len(heights)), int)
+    hw = np.asarray(BAR_HALF_WIDTHS, float)
+    for v, resp in zip(views, images):
+        d = np.linalg.norm(X_N3[:, :2] - v.center[:2], axis=1)
+        near = np.nonzero((d > range_m[0]) & (d < range_m[1]))[0]
+        if not len(near):
+            continue
+        f = float(v.camera.mean_focal_length())
+        acc = np.zeros((len(near), len(heights)))
+        seen = np.zeros((len(near), len(heights)), bool)
+        for k, h in enumerate(heights):
+            P = X_N3[near] + np.array([0.0, 0.0, h])
+            uv, depth = v.project(P)
+            ok = np.isfinite(uv[:, 0]) & (uv[:, 0] >= 0) & (uv[:, 0] < v.camera.width - 1) & (uv[:, 1] >= 0) \
+                & (uv[:, 1] < v.camera.height - 1)
+            seen[:, k] = ok
+            half = radius_m * f / np.maximum(depth, 1e-3)
+            level = np.argmin(np.abs(hw[None, :] - half[:, None]), axis=1)
+            for lv in np.unique(level[ok]):
+                sel = np.nonzero(ok & (level == lv))[0]
+                acc[sel, k] = sample_bilinear(resp[lv], uv[sel])[:, 0]
+        whole = seen.all(1)  # the score counts views that see the whole sampled segment
+        idx = near[whole]
+        total[idx] += acc[whole].mean(1)
+        count[idx] += 1
+        per_h[near] += acc
+        seen_h[near] += seen
+    return total, count, per_h / np.maximum(seen_h, 1)
+
+
+def wall_mask(raster: Raster, surface: HeightField, points_N3: np.ndarray, cell_m: float, min_length_m: float,
+              margin_m: float) -> np.ndarray:
+    """Raster pixels on or near extended vertical structures (walls, parked cars, hedges): sparse points
+    between WALL_HEIGHTS above the surface, binned in `cell_m` cells, in connected clusters at least
+    `min_length_m` long. A pole's own points make a cluster of its diameter, far below that."""
+    if not len(points_N3):
+        return np.zeros((raster.height, raster.width), bool)
+    h = points_N3[:, 2] - surface(points_N3[:, 0], points_N3[:, 1])
+    pts = points_N3[(h > WALL_HEIGHTS[0]) & (h < WALL_HEIGHTS[1])]
+    step = max(1, int(round(cell_m / raster.res)))
+    shape = (-(-raster.height // step), -(-raster.width // step))
+    px = np.floor(raster.to_pixel(pts[:, :2]) / step + 0.5 / step).astype(int)
+    ok = (px[:, 0] >= 0) & (px[:, 0] < shape[1]) & (px[:, 1] >= 0) & (px[:, 1] < shape[0])
+    occ = np.zeros(shape, np.uint8)
+    np.add.at(occ, (px[ok, 1], px[ok, 0]), 1)
+    labels, n = ndimage.label(occ >= 1, structure=np.ones((3, 3)))
+    walls = np.zeros(shape, bool)
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * step * raster.res
+        if extent >= min_length_m:
+            walls[sl] |= labels[sl] == i
+    walls = np.kron(walls, np.ones((step, step), bool))[: raster.height, : raster.width]
+    r = max(1, int(round(margin_m / raster.res)))
+    return cv2.dilate(walls.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
+
+
+def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightField, candidates: np.ndarray,
+               cell_m: float, nominal_radius_m: float, range_m: tuple[float, float], min_views: int,
+               min_score: float, nms_m: float) -> list[Pole]:
+    """Poles standing on the surface within the `candidates` mask of the raster (see the module's doc)."""
+    step = max(1, int(round(cell_m / raster.res)))
+    rows, cols = np.nonzero(candidates[::step, ::step])
+    if not len(rows):
+        return []
+    xs, ys = raster.xy()
+    x, y = xs[cols * step], ys[rows * step]
+    X = np.stack([x, y, surface(x, y)], 1)
+    images = []
+    for v in views:
+        img = cv2.imread(str(image_dir / v.name), cv2.IMREAD_GRAYSCALE)
+        images.append(bar_responses(img) if img is not None else np.zeros((len(BAR_HALF_WIDTHS), 1, 1), np.float32))
+    total, count, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS, nominal_radius_m, range_m)
+    score = np.where(count >= min_views, total / np.maximum(count, 1), 0.0)
+    grid = np.zeros(candidates[::step, ::step].shape)
+    grid[rows, cols] = score
+    r = max(1, int(round(nms_m / cell_m)))
+    peaks = (grid == ndimage.maximum_filter(grid, size=2 * r + 1)) & (grid >= min_score)
+    pr, pc = np.nonzero(peaks)
+    if not len(pr):
+        return []
+    by_cell = {(a, b): i for i, (a, b) in enumerate(zip(rows, cols))}
+    chosen = _without_ghosts([by_cell[(a, b)] for a, b in zip(pr, pc)], X, score, views, range_m)
+    foot = X[chosen]
+    # Height: the vote along the pole, probed upwards; radius: the width that responds best at the foot.
+    _, _, per_h = _vote(views, images, foot, tuple(TOP_PROBE), nominal_radius_m, range_m)
+    poles = []
+    for i, j in enumerate(chosen):
+        prof = per_h[i]
+        low = np.median(prof[(TOP_PROBE >= POLE_SAMPLE_HEIGHTS[0]) & (TOP_PROBE <= POLE_SAMPLE_HEIGHTS[-1])])
+        above = np.nonzero(prof < TOP_DROP * low)[0]
+        above = above[TOP_PROBE[above] > POLE_SAMPLE_HEIGHTS[-1]]
+        height = float(TOP_PROBE[above[0]] if len(above) else TOP_PROBE[-1])
+        radius = _best_radius(views, images, foot[i], range_m)
+        poles.append(Pole(float(foot[i, 0]), float(foot[i, 1]), float(foot[i, 2]), height, radius,
+                          float(score[j]), int(count[j])))
+    return poles
+
+
+def _without_ghosts(chosen: list[int], X_N3: np.ndarray, score: np.ndarray, views: list[View],
+                    range_m: tuple[float, float]) -> list[int]:
+    """Drop a peak that most frames see in the same direction as a stronger one: cameras moving along a street
+    see a pole from nearly one bearing, so cells on those rays (in front of or behind it) collect its bars too."""
+    order = sorted(chosen, key=lambda i: -score[i])
+    kept: list[int] = []
+    centers = np.stack([v.center[:2] for v in views])
+    for i in order:
+        ghost = False
+        for j in kept:
+            di = np.linalg.norm(centers - X_N3[i, :2], axis=1)
+            dj = np.linalg.norm(centers - X_N3[j, :2], axis=1)
+            both = (di > range_m[0]) & (di < range_m[1]) & (dj > range_m[0]) & (dj < range_m[1])
+            if not both.any():
+                continue
+            ai = np.arctan2(*(X_N3[i, :2] - centers[both]).T[::-1])
+            aj = np.arctan2(*(X_N3[j, :2] - centers[both]).T[::-1])
+            diff = np.degrees(np.abs(np.angle(np.exp(1j * (ai - aj)))))
+            if np.median(diff) < GHOST_BEARING_DEG:
+                ghost = True
+                break
+        if not ghost:
+            kept.append(i)
+    return kept
+
+
+def _best_radius(views: list[View], images: list[np.ndarray], foot: np.ndarray, range_m: tuple[float, float]) -> float:
+    """Radius (m) whose projected width responds best, over the views that see the pole's lower part."""
+    votes = []
+    for radius in (0.04, 0.06, 0.09, 0.13, 0.19, 0.28):
+        total, count, _ = _vote(views, images, foot[None], POLE_SAMPLE_HEIGHTS, radius, range_m)
+        votes.append(total[0] / max(count[0], 1))
+    return (0.04, 0.06, 0.09, 0.13, 0.19, 0.28)[int(np.argmax(votes))]
