@@ -104,8 +104,8 @@ class HdmapParams:
     """A frame votes for candidates between these distances."""
     pole_min_views: int = 3
     """A pole must be seen whole by at least this many frames."""
-    pole_min_score: float = 0.4
-    """Mean normalised bar response a pole needs (1 = the frames' top percent everywhere along it)."""
+    pole_min_score: float = 0.3
+    """Share of a pole's projected samples (over its views and heights) that must land on a centred bar."""
     pole_nms_m: float = 2.0
     """Poles closer than this are one (the strongest)."""
     wall_min_length_m: float = 2.0
@@ -134,7 +134,8 @@ class HdmapResult:
     metrics: dict
 
 
-def _views(model, frames) -> list[View]:
+def _views(model, frames) -> tuple[list[View], object]:
+    """The registered mapping frames in capture order, and the COLMAP model."""
     rec = model.reconstruction()
     order = {n: i for i, n in enumerate(frames.names)}
     ims = sorted((im for im in rec.images.values() if im.has_pose and im.name in order), key=lambda im: order[im.name])

@@ -1,14 +1,14 @@
 """Pole-like objects: vertical thin structures found by voting over the frames.
 
 A pole standing at (x, y) on the road surface projects, in every frame that sees it, onto a near-vertical thin
-bar from its foot upwards. Each frame gets a bar-response map (at a few widths: the centre of a window differs
-from both flanks in the same sense, as a thin bar does and an edge or a wide surface does not), normalised by
-its own upper percentile so frames and captures compare. Every ground cell of the map then collects, from each
-frame that sees it within range, the mean response along the projected vertical segment between
-POLE_SAMPLE_HEIGHTS, at the width a pole of nominal radius has at that depth. A pole keeps a high mean over
-most views; a cell of road, wall or sky collects a bar only by chance in a few. Peaks above `min_score` seen
-from at least `min_views` frames are poles; the height is where the vote along the pole drops, the radius
-comes from the width that responds best.
+bar from its foot upwards. Each frame gets, at a few widths, a map of where a thin vertical bar is centred (the
+centre of a window differs from both flanks in the same sense, as a thin bar does and an edge or a wide surface
+does not, and more than anywhere within two widths). Every ground cell of the map then collects, from each
+frame that sees it within range, the share of the projected vertical segment between POLE_SAMPLE_HEIGHTS that
+lands on a centred bar of the width a pole of nominal radius has at that depth. A pole scores high in most
+views; a cell of road, wall or sky hits a bar only by chance. Peaks whose mean share reaches `min_score` over
+at least `min_views` frames are poles, ghosts along the viewing rays dropped; the height is where the vote
+along the pole drops, the radius comes from the width that responds best.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from stages.hdmap.surface import HeightField, Raster
 POLE_SAMPLE_HEIGHTS = (0.8, 1.2, 1.6, 2.0, 2.4)
 # Bar half-widths (px) of the response pyramid; a pole of radius r at depth d is 2 r f / d px wide.
 BAR_HALF_WIDTHS = (1, 2, 3, 5, 8, 12)
-# Each frame's responses are divided by this percentile of its own responses.
-NORM_PERCENTILE = 99.0
+# A bar counts only above this percentile of its frame's responses (flat, textureless areas do not vote).
+BAR_FLOOR_PERCENTILE = 90.0
 # Vertical smoothing of the bar response (px): a pole is a long vertical structure.
 VERTICAL_SMOOTH_PX = 9
 # Sparse points between these heights above the surface (m) make walls, cars and hedges.
 WALL_HEIGHTS = (0.3, 8.0)
+# A pole's foot has candidate ground on at least this share of the disk of FREE_RADIUS_M (m) around it.
+FREE_RADIUS_M = 1.0
+FREE_MIN_SHARE = 0.75
 # A weaker peak seen within this bearing (degrees, median over the frames seeing both) of a stronger one is
 # its ghost along the viewing rays.
 GHOST_BEARING_DEG = 2.0
@@ -54,7 +57,13 @@ class Pole:
 
 
 def bar_responses(grey: np.ndarray) -> np.ndarray:
-    """(len(BAR_HALF_WIDTHS), H, W) thin vertical bar responses, normalised by the image's own percentile."""
+    """(len(BAR_HALF_WIDTHS), H, W) float 0/1: where a thin vertical bar of each width is centred.
+
+    The bar response (centre window against both flanks, in the same sense) must be the largest within two bar
+    widths left and right and above the image's own BAR_FLOOR_PERCENTILE; the indicator is widened by a pixel
+    each side so a projection a pixel off still lands on it. Being centred on a bar, not being strong, is what
+    a pole gives in every view, so strong edges elsewhere in a frame do not drown weak poles.
+    """
     g = grey.astype(np.float32)
     out = []
     for hw in BAR_HALF_WIDTHS:
@@ -62,13 +71,13 @@ def bar_responses(grey: np.ndarray) -> np.ndarray:
         c = cv2.blur(g, (w, VERTICAL_SMOOTH_PX))
         left = np.roll(c, w, axis=1)
         right = np.roll(c, -w, axis=1)
-        r = np.maximum(np.minimum(c - left, c - right), np.minimum(left - c, right - c))
-        out.append(np.maximum(r, 0))
-    stack = np.stack(out)
-    stack[:, :, : 2 * BAR_HALF_WIDTHS[-1] + 1] = 0
-    stack[:, :, -2 * BAR_HALF_WIDTHS[-1] - 1:] = 0
-    scale = float(np.percentile(stack, NORM_PERCENTILE)) or 1.0
-    return stack / scale
+        r = np.maximum(np.maximum(np.minimum(c - left, c - right), np.minimum(left - c, right - c)), 0)
+        r[:, : 2 * BAR_HALF_WIDTHS[-1] + 1] = 0
+        r[:, -2 * BAR_HALF_WIDTHS[-1] - 1:] = 0
+        floor = float(np.percentile(r, BAR_FLOOR_PERCENTILE))
+        peak = (r >= ndimage.maximum_filter1d(r, size=4 * w + 1, axis=1)) & (r > floor)
+        out.append(ndimage.maximum_filter1d(peak, size=3, axis=1).astype(np.float32))
+    return np.stack(out)
 
 
 def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights: tuple[float, ...],
@@ -159,7 +168,14 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     if not len(pr):
         return []
     by_cell = {(a, b): i for i, (a, b) in enumerate(zip(rows, cols))}
-    chosen = _without_ghosts([by_cell[(a, b)] for a, b in zip(pr, pc)], X, score, views, range_m)
+    chosen = [by_cell[(a, b)] for a, b in zip(pr, pc)]
+    # A pole stands on open ground: the candidate area surrounds its foot. At a wall's foot, at the edge of what
+    # the cameras saw of the ground, or beside a car, half of that disk is missing.
+    r_px = max(1, int(round(FREE_RADIUS_M / raster.res)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1)).astype(np.float32)
+    around = cv2.filter2D(candidates.astype(np.float32), -1, disk / disk.sum(), borderType=cv2.BORDER_CONSTANT)
+    chosen = [c for c in chosen if around[rows[c] * step, cols[c] * step] >= FREE_MIN_SHARE]
+    chosen = _without_ghosts(chosen, X, score, views, range_m)
     foot = X[chosen]
     # Height: the vote along the pole, probed upwards; radius: the width that responds best at the foot.
     _, _, per_h = _vote(views, images, foot, tuple(TOP_PROBE), nominal_radius_m, range_m)

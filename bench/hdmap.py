@@ -1,0 +1,93 @@
+"""Benchmark: the hdmap stage on the default street, the turning street and kitti06 (issue 8's targets).
+
+Each scene's inputs are made as bench/sfm.py makes them (synth, then ingest; or ingest of
+../shared/data/real/<scene>), then the sfm and hdmap stages run with params.yaml. Per scene: the stage's own
+metrics (marking precision / recall / F1 against the scene's map, solid/dashed accuracy, pole precision /
+recall / RMSE / height error, lanes), the hdmap stage's seconds on this machine, and the targets: marking F1
+and solid/dashed accuracy >= 0.9, pole precision and recall >= 0.9 with RMSE <= 0.3 m, <= 120 s. kitti06 has no
+map ground truth: its overlay is written to bench/results/hdmap_kitti06_overlay.jpg to be looked at.
+
+Writes bench/results/hdmap.json. Usage: `python bench/hdmap.py [--scenes street synth_turn kitti06]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import sfm as bench_sfm  # noqa: E402  (bench/sfm.py: the scenes' inputs)
+
+from stages.common.cli import setup_logging  # noqa: E402
+from stages.common.params import load_section  # noqa: E402
+from stages.hdmap import HdmapParams  # noqa: E402
+from stages.hdmap import run as hdmap_run  # noqa: E402
+from stages.sfm import SfmParams  # noqa: E402
+from stages.sfm import run as sfm_run  # noqa: E402
+
+PARAMS = ROOT / "params.yaml"
+RESULT = ROOT / "bench/results/hdmap.json"
+SCENES = ("street", "synth_turn", "kitti06")
+KEYS = ("marking_f1", "marking_precision", "marking_recall", "marking_mean_distance_m", "dash_type_accuracy",
+        "pole_precision", "pole_recall", "pole_rmse_m", "pole_height_error_m", "truth_marking_m", "truth_poles",
+        "markings", "solid", "dashed", "poles_found", "lanes", "metric", "notes", "seconds", "seconds_per_phase")
+TARGETS = {"marking_f1": (">=", 0.9), "dash_type_accuracy": (">=", 0.9), "pole_precision": (">=", 0.9),
+           "pole_recall": (">=", 0.9), "pole_rmse_m": ("<=", 0.3), "seconds": ("<=", 120.0)}
+
+
+def bench_scene(scene: str, tmp: Path) -> dict:
+    made = bench_sfm.make_inputs(scene, tmp)
+    if isinstance(made, str):
+        return {"skipped": made}
+    ingest_dir, _ = made
+    t0 = time.perf_counter()
+    sfm = sfm_run(load_section(PARAMS, "sfm", SfmParams), frames=ingest_dir, out_dir=tmp / "sfm" / scene)
+    sfm_seconds = time.perf_counter() - t0
+    res = hdmap_run(load_section(PARAMS, "hdmap", HdmapParams), frames=ingest_dir, sfm=tmp / "sfm" / scene,
+                    out_dir=tmp / "hdmap" / scene)
+    out = {"sfm_gate_passed": sfm.metrics["gate_passed"], "sfm_seconds": round(sfm_seconds, 1),
+           **{k: res.metrics.get(k) for k in KEYS}}
+    out["targets"] = {}
+    for key, (op, limit) in TARGETS.items():
+        v = out.get(key)
+        met = None if v is None else (v >= limit if op == ">=" else v <= limit)
+        out["targets"][key] = {"target": f"{op} {limit}", "measured": v, "met": met}
+    if scene == "kitti06":
+        img = cv2.imread(str(res.out_dir / "overlay.png"))
+        cv2.imwrite(str(ROOT / "bench/results/hdmap_kitti06_overlay.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/hdmap.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
+    args = parser.parse_args(argv)
+    setup_logging()
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "cpu_count": os.cpu_count(), "scenes": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_hdmap_") as tmp:
+        for scene in args.scenes:
+            print(f"[{scene}] ...", flush=True)
+            results["scenes"][scene] = bench_scene(scene, Path(tmp))
+            RESULT.write_text(json.dumps(bench_sfm._plain(results), indent=2) + "\n")
+            r = results["scenes"][scene]
+            print(f"[{scene}] " + ", ".join(f"{k} {v['measured']!s:.6} ({'met' if v['met'] else 'NOT met' if v['met'] is False else '-'})"
+                                            for k, v in r.get("targets", {}).items()), flush=True)
+    print(f"wrote {RESULT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
