@@ -104,7 +104,7 @@ class HdmapParams:
     """A frame votes for candidates between these distances."""
     pole_min_views: int = 3
     """A pole must be seen whole by at least this many frames."""
-    pole_min_score: float = 0.3
+    pole_min_score: float = 0.25
     """Share of a pole's projected samples (over its views and heights) that must land on a centred bar."""
     pole_nms_m: float = 2.0
     """Poles closer than this are one (the strongest)."""
