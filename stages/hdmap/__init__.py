@@ -56,6 +56,8 @@ OUTPUTS = {"out": "output folder: hdmap.geojson, map.osm, rasters.npz, surface.n
                   "overlay.png, metrics.json"}
 # Projection and voting are numpy/OpenCV work on the CPU.
 USES_GPU = False
+# Pole feet are looked for outside the lanes found, by this margin (m): a pole's own width and paint wear.
+LANE_MARGIN_M = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class HdmapParams:
     """Nominal pole radius for the width of the bar looked for."""
     pole_range_m: tuple[float, float] = (2.0, 30.0)
     """A frame votes for candidates between these distances."""
-    pole_min_views: int = 3
+    pole_min_views: int = 5
     """A pole must be seen whole by at least this many frames."""
     pole_min_score: float = 0.25
     """Share of a pole's projected samples (over its views and heights) that must land on a centred bar."""
@@ -255,12 +257,19 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         markings = [mk.Marking(c, mk.classify(c, params.solid_min_fill, params.dash_max_length_m * unit))
                     for c in chains]
         seconds["markings"] = time.perf_counter() - t
+        lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m))
         t = time.perf_counter()
-        poles = find_poles(views, fr.image_dir, raster, surface, support, params.pole_cell_m * unit,
+        # No pole stands in a lane: the lanes found (with a small margin) are no candidate feet.
+        in_lanes = np.zeros(seen.shape, np.uint8)
+        for ln_ in lanes:
+            poly = np.vstack([markings[ln_.left].line, markings[ln_.right].line[::-1]])
+            cv2.fillPoly(in_lanes, [np.round(raster.to_pixel(poly)).astype(np.int32)], 1)
+        r_px = max(1, int(round(LANE_MARGIN_M * unit / raster.res)))
+        in_lanes = cv2.dilate(in_lanes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1,) * 2)) > 0
+        poles = find_poles(views, fr.image_dir, raster, surface, support & ~in_lanes, params.pole_cell_m * unit,
                            params.pole_radius_m * unit, tuple(r * unit for r in params.pole_range_m),
                            params.pole_min_views, params.pole_min_score, params.pole_nms_m * unit)
         seconds["poles"] = time.perf_counter() - t
-        lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m))
         for what, n in (("lane markings", len(markings)), ("poles", len(poles)), ("lanes", len(lanes))):
             if not n:
                 notes.append(f"no {what} found")
