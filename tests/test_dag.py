@@ -341,11 +341,11 @@ def test_prefect_flow_runs_stale_stages_and_commits(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         return res.stdout.strip().splitlines()[-1]
 
-    assert flow() == "ran: synth@street ingest@street sfm@street; up to date: -"
+    assert flow() == "ran: synth@street ingest@street sfm@street hdmap@street; up to date: -"
     assert json.loads((root / "data/ingest/street/metrics.json").read_text())["query_frames"] == 3
     # dvc commit recorded the results: `dvc repro` has nothing to do, nor has the flow.
     assert "Running stage" not in dvc(root, "repro").stdout
-    assert flow() == "ran: -; up to date: synth@street ingest@street sfm@street"
+    assert flow() == "ran: -; up to date: synth@street ingest@street sfm@street hdmap@street"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from stages import ingest
 from stages.common import geometry as geo
-from stages.common.artifacts import GT_PREFIX, pose_columns, read_ingest
+from stages.common.artifacts import GT_PREFIX, pose_columns, poses_from_table, read_ingest
 from stages.common.errors import StageError
 from stages.common.params import build, load_section
 from stages.common.scene import Intrinsics, SceneSettings, read_scene_settings
@@ -400,19 +400,19 @@ def test_scene_yaml_forces_sequence_and_is_written_resolved(tmp_path):
     res = run(IngestParams(**FAST), scene_dir=scene, out_dir=out)
     assert res.metrics["sequence"] is True
     assert yaml.safe_load((out / "scene.yaml").read_text()) == {  # always written, every key, nulls included
-        "camera_height_m": None, "metric_scale": "auto", "sequence": None}
+        "camera_height_m": None, "metric_scale": "auto", "sequence": None, "geo_origin": None}
 
     (scene / "scene.yaml").write_text("sequence: false\ncamera_height_m: 1.65\nmetric_scale: camera_height\n")
     res = run(IngestParams(**FAST), scene_dir=scene, out_dir=out)
     assert res.metrics["sequence"] is False and res.metrics["sequence_from"] == "scene.yaml"
     assert yaml.safe_load((out / "scene.yaml").read_text()) == {
-        "camera_height_m": 1.65, "metric_scale": "camera_height", "sequence": False}
+        "camera_height_m": 1.65, "metric_scale": "camera_height", "sequence": False, "geo_origin": None}
     assert read_scene_settings(out) == SceneSettings(camera_height_m=1.65, metric_scale="camera_height",
                                                      sequence=False)
 
     (scene / "scene.yaml").write_text("camera_height: 1.65\n")
     with pytest.raises(StageError, match=r"scene.yaml: unknown key 'camera_height'; allowed keys are "
-                                         r"camera_height_m, metric_scale, sequence"):
+                                         r"camera_height_m, geo_origin, metric_scale, sequence"):
         run(IngestParams(**FAST), scene_dir=scene, out_dir=tmp_path / "out2")
     assert_no_output(tmp_path / "out2")
 
@@ -665,9 +665,8 @@ def test_real_kitti06_gt_and_intrinsics(tmp_path):
                                                                               expected.cy))
     # The ground-truth pose round-trips to the camera centre transforms.json states (~1.2 m per frame).
     tr = json.loads((scene / "transforms.json").read_text())["frames"][1]
-    row = df.loc[tr["file_path"]]
-    R_33 = geo.R_from_quat_wxyz(row[["gt_qw", "gt_qx", "gt_qy", "gt_qz"]].to_numpy(float))
-    cam_from_world = np.concatenate([R_33, row[["gt_tx", "gt_ty", "gt_tz"]].to_numpy(float)[:, None]], axis=1)
+    name = df.loc[tr["file_path"], "name"]
+    cam_from_world = poses_from_table(df.reset_index(), GT_PREFIX, "name")[name]
     assert geo.camera_center(cam_from_world) == pytest.approx(np.asarray(tr["transform_matrix"])[:3, 3], abs=1e-6)
 
 
