@@ -252,14 +252,6 @@ class SfmResult:
     reconstruction: Any
 
 
-# ------------------------------------------------------------------------------------------- inputs
-
-
-def read_frames(frames_dir: Path) -> Frames:
-    """Ingest's output (a StageError names a missing file and says to run ingest)."""
-    return read_ingest(frames_dir)
-
-
 # ------------------------------------------------------------------------------------- pycolmap glue
 
 
@@ -294,7 +286,7 @@ def mapper_options(mapper: str, frames: Frames, params: SfmParams) -> Any:
     """The mapper's pycolmap options: our defaults (seeds, device, intrinsics refinement), then the user's
     `global_mapping` / `incremental_mapping` overrides, each merged into its own mapper's options only."""
     refine = params.refine_intrinsics or not frames.focal_known
-    gpu = params.device == "cuda" and pycolmap.has_cuda
+    gpu = params.device == "cuda"  # resolved by pick_colmap_device: cuda only with a CUDA pycolmap
     if mapper == "global":
         opts = pycolmap.GlobalPipelineOptions()
         opts.random_seed = params.seed
@@ -729,8 +721,8 @@ class _Work:
             db = self.root / f"matches_{len(self.matched)}.db"
             shutil.copy(self.features[fkey][0], db)
             log.info("matching: %s%s", att.matcher, f" (overlap {att.overlap})" if att.matcher == "sequential" else "")
-            pairs = PAIRS[att.matcher].make(db, fr.names, overlap=att.overlap, neighbors=att.neighbors,
-                                            loop_neighbors=p.loop_closure_neighbors, seed=p.seed)
+            pairs = PAIRS[att.matcher](db, fr.names, overlap=att.overlap, neighbors=att.neighbors,
+                                      loop_neighbors=p.loop_closure_neighbors, seed=p.seed)
             match(db, pairs, self.root / f"pairs_{att.name}.txt", features=p.features,
                   max_num_features=self.features[fkey][1]["max_num_features"], matching=p.matching,
                   verification=p.verification, seed=p.seed, device=p.device)
@@ -762,7 +754,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
     pycolmap.set_random_seed(params.seed)
     # One device choice per run: every COLMAP call below sees "cuda" or "cpu", and metrics.json records it.
     params = dataclasses.replace(params, device=pick_colmap_device(params.device))
-    fr = read_frames(Path(frames))
+    fr = read_ingest(Path(frames))
     check_options(fr, params)
     if len(fr.names) < params.min_images:
         raise StageError(f"only {len(fr.names)} mapping image(s) in {frames} (SfM needs sfm.min_images="

@@ -278,7 +278,7 @@ def test_unknown_pycolmap_option_is_named():
 
 
 def test_each_mapper_section_is_checked_against_its_own_mapper_before_any_work(tiny_frames, tmp_path):
-    frames = sfm.read_frames(tiny_frames)
+    frames = read_ingest(tiny_frames)
     # an incremental mapper's key under global_mapping: an error at once, naming the section and the class
     bad = dataclasses.replace(TINY_SFM, global_mapping={"ba_refine_focal_length": True})
     with pytest.raises(StageError, match=r"sfm.global_mapping: 'ba_refine_focal_length' is not a pycolmap option "

@@ -76,15 +76,6 @@ def merge_options(opts: Any, overrides: dict, where: str) -> Any:
     return opts
 
 
-def nested_get(overrides: dict, *keys: str) -> Any:
-    """A value a user set in a nested overrides dict, or None."""
-    for key in keys:
-        if not isinstance(overrides, dict) or key not in overrides:
-            return None
-        overrides = overrides[key]
-    return overrides
-
-
 def colmap_device(pref: str) -> pycolmap.Device:
     """pycolmap's device for a resolved `device` value ("cuda" needs pycolmap's CUDA build)."""
     return pycolmap.Device.cuda if pref == "cuda" and pycolmap.has_cuda else pycolmap.Device.cpu
@@ -228,14 +219,6 @@ def exhaustive_pairs(names: list[str]) -> set[tuple[str, str]]:
     return {(a, b) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
-@dataclasses.dataclass(frozen=True)
-class PairConf:
-    """How one pairing strategy is parametrised (the values come from the caller's params)."""
-
-    make: Callable[..., set[tuple[str, str]]]
-    """make(db, names, overlap=, neighbors=, loop_neighbors=, seed=) -> pairs."""
-
-
 def _sequential(db: Path, names: list[str], *, overlap: int, neighbors: int, loop_neighbors: int,
                 seed: int) -> set[tuple[str, str]]:
     pairs = sequential_pairs(names, overlap)
@@ -244,10 +227,11 @@ def _sequential(db: Path, names: list[str], *, overlap: int, neighbors: int, loo
     return pairs
 
 
-PAIRS: dict[str, PairConf] = {
-    "sequential": PairConf(_sequential),
-    "exhaustive": PairConf(lambda db, names, **_: exhaustive_pairs(names)),
-    "retrieval": PairConf(lambda db, names, *, neighbors, seed, **_: vlad_pairs(db, names, neighbors, 0, seed)),
+# Pairing strategies, each called as PAIRS[name](db, names, overlap=, neighbors=, loop_neighbors=, seed=).
+PAIRS: dict[str, Callable[..., set[tuple[str, str]]]] = {
+    "sequential": _sequential,
+    "exhaustive": lambda db, names, **_: exhaustive_pairs(names),
+    "retrieval": lambda db, names, *, neighbors, seed, **_: vlad_pairs(db, names, neighbors, 0, seed),
 }
 
 

@@ -236,6 +236,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
     markings: list[mk.Marking] = []
     poles: list[Pole] = []
     lanes = []
+    lane_polys: list[np.ndarray] = []
     support = np.zeros_like(seen)
     paint = np.zeros_like(seen)
     if not model.alignment.ground:
@@ -258,11 +259,11 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
                     for c in chains]
         seconds["markings"] = time.perf_counter() - t
         lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m))
+        lane_polys = [np.vstack([markings[ln.left].line, markings[ln.right].line[::-1]]) for ln in lanes]
         t = time.perf_counter()
         # No pole stands in a lane: the lanes found (with a small margin) are no candidate feet.
         in_lanes = np.zeros(seen.shape, np.uint8)
-        for ln_ in lanes:
-            poly = np.vstack([markings[ln_.left].line, markings[ln_.right].line[::-1]])
+        for poly in lane_polys:
             cv2.fillPoly(in_lanes, [np.round(raster.to_pixel(poly)).astype(np.int32)], 1)
         r_px = max(1, int(round(LANE_MARGIN_M * unit / raster.res)))
         in_lanes = cv2.dilate(in_lanes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1,) * 2)) > 0
@@ -273,7 +274,6 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         for what, n in (("lane markings", len(markings)), ("poles", len(poles)), ("lanes", len(lanes))):
             if not n:
                 notes.append(f"no {what} found")
-    lane_polys = [np.vstack([markings[ln.left].line, markings[ln.right].line[::-1]]) for ln in lanes]
     frame = "sfm's world (alignment.json): z up, ground at z = 0, " + ("metres" if metric else "model units")
     gj = geojson(markings, poles, lane_polys, surface, frame)
     metrics: dict = {"metric": metric, "markings": len(markings), "marking_pieces": sum(len(m.pieces) for m in markings),

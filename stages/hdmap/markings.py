@@ -147,15 +147,16 @@ def _direction(p: np.ndarray, at_end: bool, span_m: float = 2.0) -> np.ndarray:
     return v / max(np.linalg.norm(v), 1e-9)
 
 
+def _path_direction(path_N2: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """The path's direction of travel (not normalised) at its vertex nearest the middle of `line`."""
+    mid = line[len(line) // 2]
+    k = int(np.argmin(np.linalg.norm(path_N2 - mid, axis=1)))
+    return np.gradient(path_N2, axis=0)[k]
+
+
 def orient(pieces: list[np.ndarray], path_N2: np.ndarray) -> list[np.ndarray]:
     """Each piece pointing the way the cameras travelled (at the nearest point of the path)."""
-    out = []
-    tangent = np.gradient(path_N2, axis=0)
-    for p in pieces:
-        mid = p[len(p) // 2]
-        k = int(np.argmin(np.linalg.norm(path_N2 - mid, axis=1)))
-        out.append(p if (p[-1] - p[0]) @ tangent[k] >= 0 else p[::-1])
-    return out
+    return [p if (p[-1] - p[0]) @ _path_direction(path_N2, p) >= 0 else p[::-1] for p in pieces]
 
 
 def link(pieces: list[np.ndarray], max_gap_m: float) -> list[list[np.ndarray]]:
@@ -201,15 +202,12 @@ def along_path(chains: list[list[np.ndarray]], path_N2: np.ndarray, max_angle_de
                lone_min_length_m: float) -> list[list[np.ndarray]]:
     """Lane markings run along the road: keep chains within `max_angle_deg` of the path's direction where they
     are, and lone pieces only from `lone_min_length_m` (shorter lone blobs are texture, not paint)."""
-    tangent = np.gradient(path_N2, axis=0)
     keep = []
     for chain in chains:
         line = np.vstack(chain)
         if len(chain) == 1 and polyline_length(line) < lone_min_length_m:
             continue
-        mid = line[len(line) // 2]
-        k = int(np.argmin(np.linalg.norm(path_N2 - mid, axis=1)))
-        d, t = line[-1] - line[0], tangent[k]
+        d, t = line[-1] - line[0], _path_direction(path_N2, line)
         cos = abs(d @ t) / max(np.linalg.norm(d) * np.linalg.norm(t), 1e-9)
         if cos >= np.cos(np.radians(max_angle_deg)):
             keep.append(chain)
