@@ -445,3 +445,18 @@ def test_out_of_range_param_names_the_key(tmp_path, capsys):
     assert sfm.main(["--frames", str(tmp_path), "--out", str(tmp_path / "out"), "--params",
                      str(tmp_path / "p.yaml")]) == 1
     assert "max_num_features: 10 must be at least 64" in capsys.readouterr().err
+
+
+def test_kmeans_pp_seeds_every_cluster_and_repeats_with_its_seed():
+    from stages.common.colmap import kmeans_pp
+    rng = np.random.default_rng(1)
+    centres = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    x = np.vstack([c + rng.normal(0, 0.5, (50, 2)) for c in centres])
+    seeds = kmeans_pp(x, 4, np.random.default_rng(7))
+    # one seed near each cluster: k-means++ draws by squared distance, so a second seed in a taken cluster has
+    # probability ~1e-4 per draw
+    nearest = np.argmin(np.linalg.norm(seeds[:, None] - centres[None], axis=2), axis=1)
+    assert sorted(nearest) == [0, 1, 2, 3]
+    assert np.array_equal(seeds, kmeans_pp(x, 4, np.random.default_rng(7)))
+    # identical rows (no spread left) still give k seeds
+    assert kmeans_pp(np.ones((5, 3)), 3, np.random.default_rng(0)).shape == (3, 3)
