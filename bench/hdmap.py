@@ -73,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/hdmap.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="write each scene's ingest, sfm and hdmap outputs under DIR (kept) instead of a temporary folder")
     args = parser.parse_args(argv)
     setup_logging()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "cpu_count": os.cpu_count(), "scenes": {}}
-    with tempfile.TemporaryDirectory(prefix="bench_hdmap_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_hdmap_") as tmp_dir:
+        tmp = args.keep or tmp_dir
         for scene in args.scenes:
             print(f"[{scene}] ...", flush=True)
             results["scenes"][scene] = bench_scene(scene, Path(tmp))

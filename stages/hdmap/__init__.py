@@ -44,7 +44,7 @@ from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
 from stages.hdmap import markings as mk
 from stages.hdmap.evaluate import evaluate_map
-from stages.hdmap.lanes import find_lanes, lanelet_map, write_osm
+from stages.hdmap.lanes import find_lanes, lane_polygon, lanelet_map, write_osm
 from stages.hdmap.ortho import View, orthomosaic
 from stages.hdmap.poles import Pole, find_poles, wall_mask
 from stages.hdmap.surface import Raster, corridor_path, distance_to_path, fit_surface, ground_support, make_raster
@@ -248,7 +248,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
                                  params.ground_support_m * unit, area) & seen
         # Walls, cars, hedges (clusters of sparse points above the ground) are neither paint nor pole feet.
         walls = wall_mask(raster, surface, pts, 0.25 * unit, params.wall_min_length_m * unit,
-                          params.wall_margin_m * unit)
+                          params.wall_margin_m * unit, unit)
         support &= ~walls
         paint = mk.paint_mask(rgb, support, raster, params.marking_width_m[1] * unit, params.marking_contrast)
         pieces = mk.pieces_from_mask(paint, raster, tuple(w * unit for w in params.marking_width_m),
@@ -258,8 +258,8 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         markings = [mk.Marking(c, mk.classify(c, params.solid_min_fill, params.dash_max_length_m * unit))
                     for c in chains]
         seconds["markings"] = time.perf_counter() - t
-        lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m))
-        lane_polys = [np.vstack([markings[ln.left].line, markings[ln.right].line[::-1]]) for ln in lanes]
+        lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m), unit)
+        lane_polys = [lane_polygon(markings, ln, path) for ln in lanes]
         t = time.perf_counter()
         # No pole stands in a lane: the lanes found (with a small margin) are no candidate feet.
         in_lanes = np.zeros(seen.shape, np.uint8)
@@ -269,7 +269,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         in_lanes = cv2.dilate(in_lanes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1,) * 2)) > 0
         poles = find_poles(views, fr.image_dir, raster, surface, support & ~in_lanes, params.pole_cell_m * unit,
                            params.pole_radius_m * unit, tuple(r * unit for r in params.pole_range_m),
-                           params.pole_min_views, params.pole_min_score, params.pole_nms_m * unit)
+                           params.pole_min_views, params.pole_min_score, params.pole_nms_m * unit, pts, unit)
         seconds["poles"] = time.perf_counter() - t
         for what, n in (("lane markings", len(markings)), ("poles", len(poles)), ("lanes", len(lanes))):
             if not n:
@@ -305,7 +305,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
     t = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "hdmap.geojson", gj)
-        lmap, projector = lanelet_map(markings, lanes, surface, origin)
+        lmap, projector = lanelet_map(markings, lanes, path, surface, origin)
         write_osm(tmp / "map.osm", lmap, projector)
         pole_layer = np.zeros(seen.shape, np.uint8)
         for p in poles:

@@ -7,8 +7,10 @@ does not, and more than anywhere within two widths). Every ground cell of the ma
 frame that sees it within range, the share of the projected vertical segment between POLE_SAMPLE_HEIGHTS that
 lands on a centred bar of the width a pole of nominal radius has at that depth. A pole scores high in most
 views; a cell of road, wall or sky hits a bar only by chance. Peaks whose mean share reaches `min_score` over
-at least `min_views` frames are poles, ghosts along the viewing rays dropped; the height is where the vote
-along the pole drops, the radius comes from the width that responds best.
+at least `min_views` frames are poles if their foot has open ground around it and the sparse model has points
+along them (a pole's own texture gives features; the bars of a window frame on a far wall are seen too, but
+nothing stands at the candidate foot in front of it); ghosts along the viewing rays are dropped; the height is
+where the vote along the pole drops, the radius comes from the width that responds best.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ FREE_MIN_SHARE = 0.75
 # A weaker peak seen within this bearing (degrees, median over the frames seeing both) of a stronger one is
 # its ghost along the viewing rays.
 GHOST_BEARING_DEG = 2.0
+# A pole is also in the sparse model: at least this many points within FREE_RADIUS_M of its axis, between
+# WALL_HEIGHTS above the surface (features on the pole; the bars of a window frame on a wall far ahead of the
+# cameras are seen too, but nothing stands at the candidate foot in front of that wall). Two, not one: a single
+# point can be a stray match.
+MIN_POLE_POINTS = 2
 # Heights (m) probed for a pole's top, and the share of the pole's lower response at which it counts as ended.
 TOP_PROBE = np.arange(0.5, 12.01, 0.25)
 TOP_DROP = 0.5
@@ -118,14 +125,15 @@ def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights
 
 
 def wall_mask(raster: Raster, surface: HeightField, points_N3: np.ndarray, cell_m: float, min_length_m: float,
-              margin_m: float) -> np.ndarray:
+              margin_m: float, unit: float = 1.0) -> np.ndarray:
     """Raster pixels on or near extended vertical structures (walls, parked cars, hedges): sparse points
     between WALL_HEIGHTS above the surface, binned in `cell_m` cells, in connected clusters at least
-    `min_length_m` long. A pole's own points make a cluster of its diameter, far below that."""
+    `min_length_m` long. A pole's own points make a cluster of its diameter, far below that. (`unit`: model
+    units per metre, for WALL_HEIGHTS.)"""
     if not len(points_N3):
         return np.zeros((raster.height, raster.width), bool)
     h = points_N3[:, 2] - surface(points_N3[:, 0], points_N3[:, 1])
-    pts = points_N3[(h > WALL_HEIGHTS[0]) & (h < WALL_HEIGHTS[1])]
+    pts = points_N3[(h > WALL_HEIGHTS[0] * unit) & (h < WALL_HEIGHTS[1] * unit)]
     step = max(1, int(round(cell_m / raster.res)))
     shape = (-(-raster.height // step), -(-raster.width // step))
     px = np.floor(raster.to_pixel(pts[:, :2]) / step + 0.5 / step).astype(int)
@@ -145,8 +153,10 @@ def wall_mask(raster: Raster, surface: HeightField, points_N3: np.ndarray, cell_
 
 def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightField, candidates: np.ndarray,
                cell_m: float, nominal_radius_m: float, range_m: tuple[float, float], min_views: int,
-               min_score: float, nms_m: float) -> list[Pole]:
-    """Poles standing on the surface within the `candidates` mask of the raster (see the module's doc)."""
+               min_score: float, nms_m: float, points_N3: np.ndarray, unit: float = 1.0) -> list[Pole]:
+    """Poles standing on the surface within the `candidates` mask of the raster (see the module's doc), each
+    with at least MIN_POLE_POINTS of the sparse `points_N3` along it. Lengths are in model units (`unit` per
+    metre, for the module's constants)."""
     step = max(1, int(round(cell_m / raster.res)))
     rows, cols = np.nonzero(candidates[::step, ::step])
     if not len(rows):
@@ -171,10 +181,12 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     chosen = [by_cell[(a, b)] for a, b in zip(pr, pc)]
     # A pole stands on open ground: the candidate area surrounds its foot. At a wall's foot, at the edge of what
     # the cameras saw of the ground, or beside a car, half of that disk is missing.
-    r_px = max(1, int(round(FREE_RADIUS_M / raster.res)))
+    r_px = max(1, int(round(FREE_RADIUS_M * unit / raster.res)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1)).astype(np.float32)
     around = cv2.filter2D(candidates.astype(np.float32), -1, disk / disk.sum(), borderType=cv2.BORDER_CONSTANT)
     chosen = [c for c in chosen if around[rows[c] * step, cols[c] * step] >= FREE_MIN_SHARE]
+    # A pole's own texture gives sparse points along it; the bars of a window frame on a far wall do not.
+    chosen = [c for c in chosen if points_along(points_N3, X[c], surface, FREE_RADIUS_M * unit, unit) >= MIN_POLE_POINTS]
     chosen = _without_ghosts(chosen, X, score, views, range_m)
     foot = X[chosen]
     # Height: the vote along the pole, probed upwards; radius: the width that responds best at the foot.
@@ -190,6 +202,16 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
         poles.append(Pole(float(foot[i, 0]), float(foot[i, 1]), float(foot[i, 2]), height, radius,
                           float(score[j]), int(count[j])))
     return poles
+
+
+def points_along(points_N3: np.ndarray, foot: np.ndarray, surface: HeightField, radius: float, unit: float) -> int:
+    """How many sparse points lie within `radius` (horizontally) of the vertical through `foot`, between
+    WALL_HEIGHTS above the surface."""
+    if not len(points_N3):
+        return 0
+    near = points_N3[np.linalg.norm(points_N3[:, :2] - foot[:2], axis=1) < radius]
+    h = near[:, 2] - surface(near[:, 0], near[:, 1])
+    return int(((h > WALL_HEIGHTS[0] * unit) & (h < WALL_HEIGHTS[1] * unit)).sum())
 
 
 def _without_ghosts(chosen: list[int], X_N3: np.ndarray, score: np.ndarray, views: list[View],
