@@ -146,11 +146,11 @@ def _views(model, frames) -> tuple[list[View], object]:
 
 def geojson(markings: list[mk.Marking], poles: list[Pole], lane_polys: list[np.ndarray], to_z, frame: str) -> dict:
     feats = []
-    for m in markings:
-        for piece in m.pieces:
+    for i, m in enumerate(markings):
+        for piece in m.pieces:  # one LineString per painted piece; `marking` groups the pieces of one line
             coords = [[round(float(x), 3), round(float(y), 3), round(float(to_z(x, y)), 3)] for x, y in piece]
             feats.append({"type": "Feature", "geometry": {"type": "LineString", "coordinates": coords},
-                          "properties": {"kind": "lane_marking", "type": m.type}})
+                          "properties": {"kind": "lane_marking", "type": m.type, "marking": i}})
     for p in poles:
         feats.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [p.x, p.y, p.z]},
                       "properties": {"kind": "pole", "height": round(p.height, 2), "radius": round(p.radius, 3),
