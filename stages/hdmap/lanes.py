@@ -1,8 +1,8 @@
 """Lanes between adjacent lane boundaries, and the Lanelet2 map.
 
 Markings that run along the camera path are lane boundaries. At each station along the path they are ordered
-by their signed lateral offset; two neighbours between `lane_width_m` apart bound a lane. A lane is a Lanelet2
-lanelet: left and right bounds (linestrings of type `line_thin`, subtype `solid` or `dashed`, as painted),
+by their signed lateral offset; two parallel neighbours between `lane_width_m` apart bound a lane, over the
+stretch where both run (its extent). A lane is a Lanelet2 lanelet: left and right bounds (linestrings of type `line_thin`, subtype `solid` or `dashed`, as painted),
 oriented the way the cameras travelled (the map cannot see which way traffic flows). Lanelet2's traffic rules
 then allow a lane change across a dashed bound and not across a solid one; the routing graph says so.
 """
@@ -32,7 +32,7 @@ class Lane:
     right: int
     width_m: float
     stations_m: tuple[float, float] = (-np.inf, np.inf)
-    """The stretch along the path (arc length, m) over which both bounds run: the lane's extent."""
+    """The stretch along the path (arc length, model units) over which both bounds run: the lane's extent."""
 
 
 def _resample(line: np.ndarray, step: float) -> np.ndarray:
