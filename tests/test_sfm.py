@@ -14,6 +14,7 @@ from PIL import Image
 
 from stages import sfm
 from stages.common.artifacts import read_ingest, read_sfm
+from stages.common.colmap import kmeans_pp
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
 from stages.common.scene import INTRINSIC_KEYS
@@ -448,7 +449,6 @@ def test_out_of_range_param_names_the_key(tmp_path, capsys):
 
 
 def test_kmeans_pp_seeds_every_cluster_and_repeats_with_its_seed():
-    from stages.common.colmap import kmeans_pp
     rng = np.random.default_rng(1)
     centres = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
     x = np.vstack([c + rng.normal(0, 0.5, (50, 2)) for c in centres])

@@ -185,7 +185,7 @@ def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
         chosen.append(i)
         d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
-    return x[chosen].copy()
+    return x[chosen]
 
 
 def vlad_pairs(db: Path, names: list[str], k: int, min_gap: int, seed: int) -> set[tuple[str, str]]:

@@ -2,9 +2,10 @@
 
 Markings that run along the camera path are lane boundaries. At each station along the path they are ordered
 by their signed lateral offset; two parallel neighbours between `lane_width_m` apart bound a lane, over the
-stretch where both run (its extent). A lane is a Lanelet2 lanelet: left and right bounds (linestrings of type `line_thin`, subtype `solid` or `dashed`, as painted),
-oriented the way the cameras travelled (the map cannot see which way traffic flows). Lanelet2's traffic rules
-then allow a lane change across a dashed bound and not across a solid one; the routing graph says so.
+stretch where both run (its extent). A lane is a Lanelet2 lanelet: left and right bounds (linestrings of type
+`line_thin`, subtype `solid` or `dashed`, as painted), oriented the way the cameras travelled (the map cannot
+see which way traffic flows). Lanelet2's traffic rules then allow a lane change across a dashed bound and not
+across a solid one; the routing graph says so.
 """
 
 from __future__ import annotations

@@ -124,6 +124,12 @@ def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights
     return total, count, per_h / np.maximum(seen_h, 1)
 
 
+def standing(points_N3: np.ndarray, surface: HeightField, unit: float) -> np.ndarray:
+    """The sparse points between WALL_HEIGHTS above the surface (`unit`: model units per metre)."""
+    h = points_N3[:, 2] - surface(points_N3[:, 0], points_N3[:, 1])
+    return points_N3[(h > WALL_HEIGHTS[0] * unit) & (h < WALL_HEIGHTS[1] * unit)]
+
+
 def wall_mask(raster: Raster, surface: HeightField, points_N3: np.ndarray, cell_m: float, min_length_m: float,
               margin_m: float, unit: float = 1.0) -> np.ndarray:
     """Raster pixels on or near extended vertical structures (walls, parked cars, hedges): sparse points
@@ -132,8 +138,7 @@ def wall_mask(raster: Raster, surface: HeightField, points_N3: np.ndarray, cell_
     units per metre, for WALL_HEIGHTS.)"""
     if not len(points_N3):
         return np.zeros((raster.height, raster.width), bool)
-    h = points_N3[:, 2] - surface(points_N3[:, 0], points_N3[:, 1])
-    pts = points_N3[(h > WALL_HEIGHTS[0] * unit) & (h < WALL_HEIGHTS[1] * unit)]
+    pts = standing(points_N3, surface, unit)
     step = max(1, int(round(cell_m / raster.res)))
     shape = (-(-raster.height // step), -(-raster.width // step))
     px = np.floor(raster.to_pixel(pts[:, :2]) / step + 0.5 / step).astype(int)
@@ -186,7 +191,9 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     around = cv2.filter2D(candidates.astype(np.float32), -1, disk / disk.sum(), borderType=cv2.BORDER_CONSTANT)
     chosen = [c for c in chosen if around[rows[c] * step, cols[c] * step] >= FREE_MIN_SHARE]
     # A pole's own texture gives sparse points along it; the bars of a window frame on a far wall do not.
-    chosen = [c for c in chosen if points_along(points_N3, X[c], surface, FREE_RADIUS_M * unit, unit) >= MIN_POLE_POINTS]
+    upright = standing(points_N3, surface, unit)
+    chosen = [c for c in chosen
+              if (np.linalg.norm(upright[:, :2] - X[c, :2], axis=1) < FREE_RADIUS_M * unit).sum() >= MIN_POLE_POINTS]
     chosen = _without_ghosts(chosen, X, score, views, range_m)
     foot = X[chosen]
     # Height: the vote along the pole, probed upwards; radius: the width that responds best at the foot.
@@ -202,16 +209,6 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
         poles.append(Pole(float(foot[i, 0]), float(foot[i, 1]), float(foot[i, 2]), height, radius,
                           float(score[j]), int(count[j])))
     return poles
-
-
-def points_along(points_N3: np.ndarray, foot: np.ndarray, surface: HeightField, radius: float, unit: float) -> int:
-    """How many sparse points lie within `radius` (horizontally) of the vertical through `foot`, between
-    WALL_HEIGHTS above the surface."""
-    if not len(points_N3):
-        return 0
-    near = points_N3[np.linalg.norm(points_N3[:, :2] - foot[:2], axis=1) < radius]
-    h = near[:, 2] - surface(near[:, 0], near[:, 1])
-    return int(((h > WALL_HEIGHTS[0] * unit) & (h < WALL_HEIGHTS[1] * unit)).sum())
 
 
 def _without_ghosts(chosen: list[int], X_N3: np.ndarray, score: np.ndarray, views: list[View],
