@@ -218,3 +218,12 @@ def test_kitti06_runs_and_draws_its_overlay(tmp_path):
     res = hdmap.run(hdmap.HdmapParams(), frames=tmp_path / "frames", sfm=tmp_path / "sfm", out_dir=tmp_path / "map")
     assert cv2.imread(str(res.out_dir / "overlay.png")) is not None
     assert res.metrics["poles_found"] >= 1
+
+
+def test_raster_is_coarsened_rather_than_allocated_beyond_its_pixel_bound():
+    from stages.hdmap.surface import MAX_RASTER_PIXELS, make_raster
+
+    path = np.array([[0.0, 0.0], [100.0, 0.0]])
+    assert make_raster(path, 10.0, 0.05).res == 0.05  # 2400 x 400 px: as asked
+    huge = make_raster(path, 10.0, 1e-7)  # an unscaled model whose unit came out tiny
+    assert huge.width * huge.height <= 1.01 * MAX_RASTER_PIXELS and huge.res > 1e-7

@@ -47,7 +47,8 @@ from stages.hdmap.evaluate import evaluate_map
 from stages.hdmap.lanes import find_lanes, lane_polygon, lanelet_map, write_osm
 from stages.hdmap.ortho import View, orthomosaic
 from stages.hdmap.poles import Pole, find_poles, wall_mask
-from stages.hdmap.surface import Raster, corridor_path, distance_to_path, fit_surface, ground_support, make_raster
+from stages.hdmap.surface import (MAX_RASTER_PIXELS, Raster, corridor_path, distance_to_path, fit_surface,
+                                  ground_support, make_raster)
 
 log = logging.getLogger("scenepipe.hdmap")
 
@@ -214,14 +215,28 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
     metric = model.alignment.metric
     centers = np.stack([v.center for v in views])
     cam_h = float(np.median(centers[:, 2]))
-    unit = 1.0 if metric else max(cam_h, 1e-6) / params.camera_height_m
-    if not metric:
-        notes.append(f"the map is unscaled: sfm's model is not in metres; lengths are in model units "
-                     f"(1 m of params = {unit:.3g} units, from the camera height)")
     pts = np.array([p.xyz for p in rec.points3D.values()]) if rec.num_points3D() else np.zeros((0, 3))
+    unit, reference = 1.0, ""
+    if not metric:
+        # Params are in metres; an unscaled model takes the camera height as params.camera_height_m. Without a
+        # ground plane z = 0 is the points' median height, so the height can be ~0 or negative (an object
+        # orbited at its own height): the cameras' median distance to the points stands in for it.
+        if model.alignment.ground and cam_h > 0:
+            unit, reference = cam_h / params.camera_height_m, "the camera height"
+        else:
+            sample = pts[::max(1, len(pts) // 5000)]  # a few thousand points and 50 cameras are plenty
+            dist = np.linalg.norm(sample[:, None, :] - centers[None, ::max(1, len(centers) // 50)], axis=2) \
+                if len(sample) else np.ones(1)
+            unit, reference = max(float(np.median(dist)), 1e-6) / params.camera_height_m, \
+                "the cameras' distance to the scene (no ground plane)"
+        notes.append(f"the map is unscaled: sfm's model is not in metres; lengths are in model units "
+                     f"(1 m of params = {unit:.3g} units, from {reference})")
     forward = np.stack([v.cam_from_world[2, :3] for v in views])
     path = corridor_path(centers, forward, params.ahead_m * unit)
     raster = make_raster(path, params.corridor_m * unit, params.resolution_m * unit)
+    if raster.res > params.resolution_m * unit * (1 + 1e-9):
+        notes.append(f"the raster is coarsened to {raster.res / unit:.3g} m per pixel (asked "
+                     f"{params.resolution_m} m) to stay within {MAX_RASTER_PIXELS:.0e} pixels")
     area = distance_to_path(raster, path) < params.corridor_m * unit
     footprints = centers - np.array([0.0, 0.0, cam_h])
     xs, ys = raster.xy()

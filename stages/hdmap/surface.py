@@ -69,8 +69,15 @@ def corridor_path(centers_N3: np.ndarray, forward_N3: np.ndarray, ahead_m: float
     return path
 
 
+# The orthomosaic and map rasters stay within this many pixels (~0.3 GB of RGB); beyond, their resolution is
+# coarsened (a drive of several km at 5 cm, or a model in odd units).
+MAX_RASTER_PIXELS = 1e8
+
+
 def make_raster(path_N2: np.ndarray, half_width_m: float, res: float) -> Raster:
+    """The raster around the path at `res` per pixel, coarsened where it would exceed MAX_RASTER_PIXELS."""
     lo, hi = path_N2.min(0) - half_width_m, path_N2.max(0) + half_width_m
+    res = max(res, float(np.sqrt((hi[0] - lo[0]) * (hi[1] - lo[1]) / MAX_RASTER_PIXELS)))
     width, height = int(np.ceil((hi[0] - lo[0]) / res)), int(np.ceil((hi[1] - lo[1]) / res))
     return Raster(float(lo[0]), float(hi[1]), res, width, height)
 
