@@ -17,6 +17,7 @@ demo: install
 	@echo "  data/ingest/street/       keyframes (images/, queries/), manifest.csv, cameras.json, capture.json, metrics.json"
 	@echo "  data/sfm/street/          COLMAP model/, poses.csv, sparse.ply, alignment.json, per_image.csv, metrics.json (errors vs ground truth)"
 	@echo "  data/hdmap/street/        overlay.png (the map on the orthomosaic), hdmap.geojson, map.osm (Lanelet2), rasters.npz, metrics.json"
+	@echo "  data/recon/street/        mvs/ (fused.ply, mesh.ply), nerf/ (field.pt, renders/, mesh.ply), undistorted/transforms.json (nerfstudio), metrics.json"
 	@echo "  dvc metrics show          every stage's numbers;  dvc plots show  per-frame series;  dvc dag  the pipeline"
 
 test: install

@@ -13,6 +13,7 @@ import yaml
 from tests.conftest import PIPELINE_SYNTH, ROOT
 
 # A tiny default scene: a few frames, small images, so a full `dvc repro` takes seconds.
+TINY_FIELD = {"steps": 20, "plane_levels": [16, 32], "samples_per_batch": 2048, "env_height": 8}
 
 
 def env_with_venv() -> dict:
@@ -39,6 +40,9 @@ def make_copy(dst: Path, synth: dict | None = None, ingest: dict | None = None, 
     params["ingest"] = {**(params.get("ingest") or {}), **(ingest or {})}
     if not synth:  # tiny frames need SIFT's upsampled octave for enough features
         params["sfm"] = {**params["sfm"], "extraction": {"sift": {"first_octave": -1}}}
+    # a radiance field of a few steps and a small sweep: the DAG's plumbing, not the stage's quality
+    params["recon"] = {**params["recon"], "field": TINY_FIELD,
+                       "mvs": {**params["recon"]["mvs"], "max_edge": 240, "sweep_max_edge": 120, "n_depths": 24}}
     write_params(dst, params)
     if git:
         run_git(dst, "init", "-q")

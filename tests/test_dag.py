@@ -341,11 +341,11 @@ def test_prefect_flow_runs_stale_stages_and_commits(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         return res.stdout.strip().splitlines()[-1]
 
-    assert flow() == "ran: synth@street ingest@street sfm@street hdmap@street; up to date: -"
+    assert flow() == "ran: synth@street ingest@street sfm@street recon@street hdmap@street; up to date: -"
     assert json.loads((root / "data/ingest/street/metrics.json").read_text())["query_frames"] == 3
     # dvc commit recorded the results: `dvc repro` has nothing to do, nor has the flow.
     assert "Running stage" not in dvc(root, "repro").stdout
-    assert flow() == "ran: -; up to date: synth@street ingest@street sfm@street hdmap@street"
+    assert flow() == "ran: -; up to date: synth@street ingest@street sfm@street recon@street hdmap@street"
 
 
 @pytest.mark.slow
@@ -362,4 +362,5 @@ def test_prefect_flow_reports_a_failing_stage_in_one_line(tmp_path):
 def test_flows_tag_gpu_stages_from_the_stages_own_declaration():
     from flows.pipeline import uses_gpu
 
-    assert uses_gpu("synth") and uses_gpu("sfm") and not uses_gpu("ingest")
+    assert uses_gpu("synth") and uses_gpu("sfm") and uses_gpu("recon") and not uses_gpu("ingest")
+    assert not uses_gpu("hdmap")

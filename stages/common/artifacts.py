@@ -278,6 +278,24 @@ def write_sfm(folder: Path, rec: Any, frames: Frames, reasons: dict[str, str], a
     return table
 
 
+def model_unit(alignment: Alignment, centers: np.ndarray, points: np.ndarray, camera_height_m: float) -> tuple[float, str]:
+    """Model units per metre, and what that came from, for stages whose params are in metres.
+
+    A metric model: 1. An unscaled one takes the cameras' median height above its ground plane as
+    `camera_height_m`; without a ground plane z = 0 is the points' median height, so that height can be ~0 or
+    negative (an object orbited at its own height), and the cameras' median distance to the points stands in
+    for it."""
+    if alignment.metric:
+        return 1.0, "metres"
+    cam_h = float(np.median(centers[:, 2])) if len(centers) else 0.0
+    if alignment.ground and cam_h > 0:
+        return cam_h / camera_height_m, "the camera height"
+    sample = points[::max(1, len(points) // 5000)]  # a few thousand points and 50 cameras are plenty
+    dist = np.linalg.norm(sample[:, None, :] - centers[None, ::max(1, len(centers) // 50)], axis=2) \
+        if len(sample) and len(centers) else np.ones(1)
+    return max(float(np.median(dist)), 1e-6) / camera_height_m, "the cameras' distance to the scene (no ground plane)"
+
+
 def read_sfm(folder: str | Path) -> SparseModel:
     """Read sfm's output folder; a missing file is a StageError that says to run sfm."""
     folder = Path(folder)

@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.common.artifacts import METRICS, MapRasters, read_ingest, read_sfm, write_map_rasters
+from stages.common.artifacts import METRICS, MapRasters, model_unit, read_ingest, read_sfm, write_map_rasters
 from stages.common.cli import guarded, make_parser
 from stages.common.errors import StageError
 from stages.common.outputs import atomic_dir, write_json
@@ -216,19 +216,8 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
     centers = np.stack([v.center for v in views])
     cam_h = float(np.median(centers[:, 2]))
     pts = np.array([p.xyz for p in rec.points3D.values()]) if rec.num_points3D() else np.zeros((0, 3))
-    unit, reference = 1.0, ""
+    unit, reference = model_unit(model.alignment, centers, pts, params.camera_height_m)
     if not metric:
-        # Params are in metres; an unscaled model takes the camera height as params.camera_height_m. Without a
-        # ground plane z = 0 is the points' median height, so the height can be ~0 or negative (an object
-        # orbited at its own height): the cameras' median distance to the points stands in for it.
-        if model.alignment.ground and cam_h > 0:
-            unit, reference = cam_h / params.camera_height_m, "the camera height"
-        else:
-            sample = pts[::max(1, len(pts) // 5000)]  # a few thousand points and 50 cameras are plenty
-            dist = np.linalg.norm(sample[:, None, :] - centers[None, ::max(1, len(centers) // 50)], axis=2) \
-                if len(sample) else np.ones(1)
-            unit, reference = max(float(np.median(dist)), 1e-6) / params.camera_height_m, \
-                "the cameras' distance to the scene (no ground plane)"
         notes.append(f"the map is unscaled: sfm's model is not in metres; lengths are in model units "
                      f"(1 m of params = {unit:.3g} units, from {reference})")
     forward = np.stack([v.cam_from_world[2, :3] for v in views])

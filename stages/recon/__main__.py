@@ -1,0 +1,7 @@
+"""python -m stages.recon"""
+
+import sys
+
+from stages.recon import main
+
+sys.exit(main())
