@@ -129,7 +129,8 @@ def small_recon(tmp_path_factory):
     synth_run(SynthParams(**{**DRIVE_SYNTH, "n_points": 150_000}), out_dir=root / "raw")
     ingest_run(IngestParams(query_every=0), scene_dir=root / "raw", out_dir=root / "frames")
     sfm_run(SfmParams(), frames=root / "frames", out_dir=root / "sfm")
-    params = recon.ReconParams(field=SMALL_FIELD, mvs=mvs.SweepParams(max_edge=320, sweep_max_edge=160))
+    params = recon.ReconParams(field=SMALL_FIELD, mvs=mvs.SweepParams(max_edge=320, sweep_max_edge=160),
+                               render_max_edge=240)
     return recon.run(params, frames=root / "frames", sfm=root / "sfm", out_dir=root / "recon"), root / "frames"
 
 
@@ -162,6 +163,9 @@ def test_stage_end_to_end_on_a_small_drive(small_recon):
         assert (out / "undistorted" / f["file_path"]).is_file()
     assert (out / "nerf" / "field.pt").is_file()
     assert len(list((out / "nerf" / "renders" / "held_out").glob("*.depth.png"))) == 2
+    # renders and their scores at render_max_edge (320 x 180 frames -> 240 x 135)
+    render = cv2.imread(str(next((out / "nerf" / "renders" / "held_out").glob("*[0-9].png"))))
+    assert render.shape == (135, 240, 3)
 
 
 def test_nerfstudio_transforms_hold_the_sfm_poses(small_recon):
