@@ -85,7 +85,8 @@ def test_consistency_filter_drops_depths_no_source_confirms():
     ref = depths[0].copy()
     ref[40:60, 60:90] = 6.0
     p = mvs.SweepParams(min_consistent=2, min_triangulation_deg=1.0)
-    out = mvs.consistent_depth(ref, mvs.index_K(K), poses[0], [(d, mvs.index_K(K), P) for d, P in zip(depths[1:], poses[1:])], p)
+    others = [(d, mvs.index_K(K), P) for d, P in zip(depths[1:], poses[1:])]
+    out = mvs.consistent_depth(ref, mvs.index_K(K), poses[0], others, p)
     assert (out[40:60, 60:90] == 0).all()
     centre = np.zeros_like(ref, bool)
     centre[30:90, 45:115] = True  # seen by both sources
@@ -163,6 +164,12 @@ def test_stage_end_to_end_on_a_small_drive(small_recon):
         assert (out / "undistorted" / f["file_path"]).is_file()
     assert (out / "nerf" / "field.pt").is_file()
     assert len(list((out / "nerf" / "renders" / "held_out").glob("*.depth.png"))) == 2
+    # one depth map per frame, with its confidence (the winning NCC, at least min_ncc where a depth is kept)
+    maps = sorted((out / "mvs" / "depth").glob("*.npz"))
+    assert len(maps) == 16 and maps[0].name == "images__000000.npz"
+    with np.load(maps[3]) as z:
+        kept = z["depth"] > 0
+        assert kept.mean() > 0.05 and (z["confidence"][kept] >= 0.5).all() and (z["confidence"][~kept] == 0).all()
     # renders and their scores at render_max_edge (320 x 180 frames -> 240 x 135)
     render = cv2.imread(str(next((out / "nerf" / "renders" / "held_out").glob("*[0-9].png"))))
     assert render.shape == (135, 240, 3)

@@ -14,8 +14,8 @@ point clouds and meshes, and their scores.
   sfm's alignment, cropped to what the cameras observed: accuracy, completeness, Chamfer distance, F-score at
   5, 10 and 20 cm (scene units when the ground truth is not metric), EMD on equal random subsamples.
 
-Outputs in --out: undistorted/ (images/, sparse/, transforms.json), mvs/ (depth/ maps as .npy, fused.ply,
-mesh.ply, points.ply), nerf/ (field.pt, renders/, mesh.ply, points.ply), metrics.json.
+Outputs in --out: undistorted/ (images/, sparse/, transforms.json), mvs/ (depth/<image>.npz: depth and confidence,
+fused.ply, mesh.ply, points.ply), nerf/ (field.pt, renders/, mesh.ply, points.ply), metrics.json.
 Lengths in params are metres; an unscaled model takes them in units of the camera height (as hdmap does).
 """
 
@@ -183,18 +183,21 @@ def _read_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 
 def _mvs_views(scene: _Scene, depth_dir: Path, p: mvs.SweepParams, max_depth: float):
     """The plane sweep's depth maps as DepthViews, read from disk one at a time."""
-    for i, v in enumerate(scene.views):
+    for v in scene.views:
         K, w, h = mvs.scaled(v, p.max_edge)
-        depth = np.load(depth_dir / f"{i}.npy")
+        with np.load(depth_dir / f"{mvs.depth_file_stem(v.name)}.npz") as z:
+            depth = z["depth"]
         depth[depth > max_depth] = 0
         yield DepthView(depth, _read_rgb(v.image, (w, h)), K, v.cam_from_world)
 
 
-def _colmap_mvs(workspace: Path) -> None:
-    """COLMAP PatchMatch stereo (CUDA) with its geometric consistency, in pycolmap's undistorted workspace."""
+def _colmap_mvs(workspace: Path, fused_ply: Path) -> None:
+    """COLMAP PatchMatch stereo (CUDA) with its geometric consistency in pycolmap's undistorted workspace, then
+    COLMAP's own stereo fusion of the geometric depth maps into fused_ply."""
     import pycolmap
 
     pycolmap.patch_match_stereo(str(workspace))
+    pycolmap.stereo_fusion(str(fused_ply), str(workspace))
 
 
 def _read_colmap_depth(path: Path) -> np.ndarray:
@@ -217,7 +220,7 @@ def _colmap_views(scene: _Scene, workspace: Path, max_depth: float):
         yield DepthView(depth.astype(np.float32), _read_rgb(v.image), v.K, v.cam_from_world)
 
 
-def _query_views(frames, scene: _Scene, model, undist_root: Path, out: Path) -> list[tuple[str, np.ndarray, np.ndarray, Path]]:
+def _query_views(frames, scene: _Scene, model, out: Path) -> list[tuple[str, np.ndarray, np.ndarray, Path]]:
     """The scene's queries with ground-truth poses, in sfm's world and undistorted to the mapping frames' pinhole
     camera of their camera group: (name, K, cam_from_world, image path). Empty without ground truth."""
     import pycolmap
@@ -385,7 +388,8 @@ def run(params: ReconParams, *, frames: Path, sfm: Path, out_dir: Path) -> Recon
         max_depth = params.max_depth_m * unit
         up = np.array([0.0, 0.0, 1.0]) if model.alignment.ground else None
         if backend == "colmap":
-            _colmap_mvs(undist)
+            mvs_dir.mkdir(parents=True, exist_ok=True)
+            _colmap_mvs(undist, mvs_dir / "fused.ply")
             depth_views = lambda: _colmap_views(scene, undist, max_depth)  # noqa: E731
             mvs_stats = {"backend": "colmap_patch_match"}
         else:
@@ -399,7 +403,10 @@ def run(params: ReconParams, *, frames: Path, sfm: Path, out_dir: Path) -> Recon
             depth_views = lambda: _mvs_views(scene, mvs_dir / "depth", params.mvs, max_depth)  # noqa: E731
         seconds["mvs_depth"] = time.perf_counter() - t
         t = time.perf_counter()
-        fused, fused_rgb = fuse_points(depth_views(), params.fused_voxel_m * unit)
+        if backend == "colmap":  # COLMAP's own fusion (consistency across views, not only voxel averaging)
+            fused, fused_rgb = read_ply(mvs_dir / "fused.ply", colours=True)
+        else:
+            fused, fused_rgb = fuse_points(depth_views(), params.fused_voxel_m * unit)
         if not len(fused):
             raise StageError("MVS kept no depth in any frame (nothing passed the photometric and consistency "
                              "filters); check sfm's model (overlapping registered frames) or lower recon.mvs.min_ncc")
@@ -424,7 +431,7 @@ def run(params: ReconParams, *, frames: Path, sfm: Path, out_dir: Path) -> Recon
                       for i in holdout_idx]
         held_out = _render_and_score(field_model, eval_items, nerf_dir / "renders" / "held_out", "render_held_out",
                                      seconds, params.render_max_edge)
-        queries = _query_views(fr, scene, model, undist, tmp / ".queries")
+        queries = _query_views(fr, scene, model, tmp / ".queries")
         query_scores = _render_and_score(field_model, [(q, K, P, path) for q, K, P, path in queries],
                                          nerf_dir / "renders" / "queries", "render_queries", seconds,
                                          params.render_max_edge)
@@ -518,7 +525,8 @@ def _metrics(params, device, backend, preset, cfg, scene, train, held_out, query
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m stages.recon --params params.yaml --frames data/ingest/S --sfm data/sfm/S --out data/recon/S."""
+    """Command line: python -m stages.recon --params params.yaml --frames data/ingest/S --sfm data/sfm/S
+    --out data/recon/S."""
     args = make_parser("recon", __doc__, INPUTS, OUTPUTS).parse_args(argv)
     return guarded("recon", lambda: run(load_section(args.params, "recon", ReconParams), frames=Path(args.frames),
                                         sfm=Path(args.sfm), out_dir=Path(args.out)))

@@ -119,11 +119,14 @@ def read_ply_points(path) -> np.ndarray:
     return read_ply(path)[0]
 
 
-def read_ply(path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Points (N, 3) and unit normals (N, 3), or None when the file has none."""
+def read_ply(path, colours: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Points (N, 3) and unit normals (N, 3), or None when the file has none; with `colours`, points and colours
+    (N, 3) uint8 instead."""
     import open3d as o3d
 
     pc = o3d.io.read_point_cloud(str(path))
+    if colours:
+        return np.asarray(pc.points), np.round(np.asarray(pc.colors) * 255).astype(np.uint8)
     normals = np.asarray(pc.normals) if pc.has_normals() else None
     if normals is not None:
         normals = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)

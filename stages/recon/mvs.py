@@ -365,10 +365,16 @@ def consistent_depth(depth: np.ndarray, K: np.ndarray, P: np.ndarray,
     return out
 
 
+def depth_file_stem(name: str) -> str:
+    """The depth map's file name (without .npz) of an image name: `images/000010.png` -> `images__000010`."""
+    return str(Path(name).with_suffix("")).replace("/", "__")
+
+
 def stereo(views: list[StereoView], observations: list[np.ndarray], points: np.ndarray, p: SweepParams,
            depth_dir: Path, device: str, up_world: np.ndarray | None = None, log=None) -> dict:
-    """Depth maps of every view into depth_dir/<i>.npy (float32 z-depth at the `scaled` resolution, 0 = none):
-    a plane sweep per view, then the geometric-consistency filter against its sources' depth maps.
+    """Depth maps of every view into depth_dir/<depth_file_stem(name)>.npz: `depth` (float32 z-depth at the
+    `scaled` resolution, 0 = none) and `confidence` (float16, the winning NCC where a depth is kept); a plane
+    sweep per view, then the geometric-consistency filter against its sources' depth maps.
 
     observations[i]: indices into `points` (sfm's sparse points, in the views' world) that view i sees. Returns
     per-view statistics. Raw sweeps go to depth_dir/raw/ and are read back per reference, so memory holds one
@@ -390,7 +396,8 @@ def stereo(views: list[StereoView], observations: list[np.ndarray], points: np.n
                 srcs = [(load_gray(views[j], *scaled(views[j], edge)[1:]), index_K(scaled(views[j], edge)[0]),
                          views[j].cam_from_world) for j in sources[i]]
                 sets.append((load_gray(view, w_e, h_e), index_K(K_e), view.cam_from_world, srcs))
-            depth, _ = sweep(sets[0], sets[1], *rng, p, device, up_world)
+            depth, ncc = sweep(sets[0], sets[1], *rng, p, device, up_world)
+            np.save(raw_dir / f"{i}.ncc.npy", ncc)
         np.save(raw_dir / f"{i}.npy", depth)
         stats["raw_valid"].append(float((depth > 0).mean()))
         if log is not None and (i + 1) % 10 == 0:
@@ -401,7 +408,9 @@ def stereo(views: list[StereoView], observations: list[np.ndarray], points: np.n
         others = [(np.load(raw_dir / f"{j}.npy"), index_K(scaled(views[j], p.max_edge)[0]), views[j].cam_from_world)
                   for j in sources[i]]
         depth = consistent_depth(depth, index_K(K), view.cam_from_world, others, p)
-        np.save(depth_dir / f"{i}.npy", depth)
+        ncc_path = raw_dir / f"{i}.ncc.npy"
+        confidence = np.where(depth > 0, np.load(ncc_path), 0) if ncc_path.is_file() else np.zeros_like(depth)
+        np.savez(depth_dir / f"{depth_file_stem(view.name)}.npz", depth=depth, confidence=confidence.astype(np.float16))
         stats["kept"].append(float((depth > 0).mean()))
     for f in raw_dir.iterdir():
         f.unlink()
