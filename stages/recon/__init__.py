@@ -236,6 +236,7 @@ def _query_views(frames, scene: _Scene, model, out: Path) -> list[tuple[str, np.
     s, R, t = gt_from_world.scale, np.asarray(gt_from_world.R_33), np.asarray(gt_from_world.t_3)
     out.mkdir(parents=True, exist_ok=True)
     queries = []
+    maps: dict[int, np.ndarray] = {}
     for q, P_gt in frames.query_gt.items():
         group = group_of.get(q)
         ref = next((n for n in frames.groups.get(group, []) if n in undist and n in by_name), None)
@@ -243,10 +244,12 @@ def _query_views(frames, scene: _Scene, model, out: Path) -> list[tuple[str, np.
             continue
         cam: pycolmap.Camera = rec.cameras[by_name[ref].camera_id]
         v = undist[ref]
-        # pixel of the undistorted pinhole image -> ray -> pixel of the original (distorted) image
-        ys, xs = np.mgrid[0:v.height, 0:v.width].astype(np.float64)
-        rays = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], 1) @ np.linalg.inv(v.K).T
-        src = cam.img_from_cam(rays).reshape(v.height, v.width, 2).astype(np.float32)
+        if cam.camera_id not in maps:  # one undistortion map per camera, not per query
+            # pixel of the undistorted pinhole image -> ray -> pixel of the original (distorted) image
+            ys, xs = np.mgrid[0:v.height, 0:v.width].astype(np.float64)
+            rays = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], 1) @ np.linalg.inv(v.K).T
+            maps[cam.camera_id] = cam.img_from_cam(rays).reshape(v.height, v.width, 2).astype(np.float32)
+        src = maps[cam.camera_id]
         img = cv2.imread(str(frames.image_dir / q), cv2.IMREAD_COLOR)
         if img is None:
             continue
@@ -393,9 +396,8 @@ def run(params: ReconParams, *, frames: Path, sfm: Path, out_dir: Path) -> Recon
             depth_views = lambda: _colmap_views(scene, undist, max_depth)  # noqa: E731
             mvs_stats = {"backend": "colmap_patch_match"}
         else:
-            sweep = dataclasses.replace(params.mvs)
-            mvs_stats = mvs.stereo(scene.views, scene.observations, scene.points, sweep, mvs_dir / "depth", device,
-                                   up, log)
+            mvs_stats = mvs.stereo(scene.views, scene.observations, scene.points, params.mvs, mvs_dir / "depth",
+                                   device, up, log)
             mvs_stats = {"backend": "plane_sweep", "views": mvs_stats["views"],
                          "kept_fraction": float(np.mean(mvs_stats["kept"])),
                          "raw_fraction": float(np.mean(mvs_stats["raw_valid"])),
