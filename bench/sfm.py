@@ -23,7 +23,9 @@ position median <= 0.5 % of the trajectory), else "flagged" (the stage's gate fa
 gate passed a wrong model); "no-ground-truth" where there is none (apple, sacre_coeur). `gt_consistency`
 re-triangulates ours' tracks (>= 3 observations) by linear DLT once with ours' poses and once with the
 ground-truth poses (the model's cameras both times) and reports the reprojection errors: where ground truth
-reprojects worse than ours, it bounds the pose error that can be measured. apple and sacre_coeur run ours
+reprojects worse than ours, it bounds the pose error that can be measured. `turn_ratio_median` divides ours'
+rotation between consecutive frames by the ground truth's where the latter turns more than 2 deg: a ratio away
+from 1 on every step of a turn is a scale error of the angles, of ours' focal length or of the ground truth. apple and sacre_coeur run ours
 `--runs` times to check that the verdict is stable.
 
 Writes bench/results/sfm.json (after every scene) and prints a table.
@@ -49,6 +51,7 @@ import pycolmap
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.common.align import rotation_angle_deg  # noqa: E402
 from stages.common.artifacts import Frames, evaluate_poses, read_ingest, read_sfm  # noqa: E402
 from stages.common.cli import setup_logging  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
@@ -87,6 +90,8 @@ RIGHT_ROT_DEG_REAL, RIGHT_ROT_DEG_SYNTH, RIGHT_POS_PCT = 0.2, 0.1, 0.5
 MAX_TIME_RATIO, STREET_LONG_TIME_RATIO, STREET_LONG_ROT_DEG = 1.0, 4.5, 0.1
 # gt_consistency: tracks need this many observations (in images with ground truth).
 GT_MIN_TRACK = 3
+# turn_ratio: consecutive-frame steps where the ground truth turns more than this (degrees).
+TURN_RATIO_MIN_DEG = 2.0
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -257,6 +262,25 @@ def gt_consistency(rec: pycolmap.Reconstruction, frames: Frames) -> dict:
     return out
 
 
+def turn_ratio(poses: dict[str, np.ndarray], frames: Frames) -> dict:
+    """How much more the camera turns between consecutive frames in ours than in the ground truth (median ratio
+    of the rotation angles over steps where the ground truth turns more than TURN_RATIO_MIN_DEG).
+
+    Rotation angles measured from images do not depend on the world frame or the scale. A ratio away from 1 on
+    every step of a turn is a scale error of the angles: a focal length error in ours, or ground truth that
+    does not belong to these images (angles off by the same factor whatever the model)."""
+    names = [n for n in frames.names if n in poses and n in frames.gt]
+    ratios = []
+    for a, b in zip(names, names[1:]):
+        gt = rotation_angle_deg(frames.gt[b][:3, :3] @ frames.gt[a][:3, :3].T)
+        if gt > TURN_RATIO_MIN_DEG:
+            ratios.append(rotation_angle_deg(poses[b][:3, :3] @ poses[a][:3, :3].T) / gt)
+    if not ratios:
+        return {}
+    return {"turn_ratio_median": float(np.median(ratios)), "turn_ratio_steps": len(ratios),
+            "turn_ratio_min": float(min(ratios)), "turn_ratio_max": float(max(ratios))}
+
+
 def no_model(n_frames: int, reason: str) -> dict:
     """The evaluation of a run that produced no model."""
     return {"registered": 0, "registered_ratio": 0.0 if n_frames else math.nan, "no_model": reason}
@@ -277,6 +301,7 @@ def run_ours(ingest_dir: Path, out_dir: Path, frames: Frames) -> dict:
             **{k: metrics[k] for k in ("position_error_max", "ate_rmse_pct", "trajectory_length") if k in metrics},
             "gate_passed": metrics.get("gate_passed"), "gate_reasons": metrics.get("gate_reasons"),
             "attempt": metrics.get("attempt"), "fov_deg": metrics.get("fov_deg"),
+            "intrinsics": metrics.get("intrinsics"),
             "sequence": metrics.get("sequence"), "metric": metrics.get("metric"),
             "scale_confidence": (metrics.get("gravity_scale") or {}).get("scale_confidence"),
             "seconds_per_phase": metrics.get("seconds_per_phase"),
@@ -290,7 +315,7 @@ def run_ours(ingest_dir: Path, out_dir: Path, frames: Frames) -> dict:
     ours["crosscheck"] = {"agrees": not disagree, "tolerance": CROSSCHECK_TOL, "disagreements": disagree,
                           "bench": mine}
     if frames.gt:
-        ours["gt_consistency"] = gt_consistency(rec, frames)
+        ours["gt_consistency"] = {**gt_consistency(rec, frames), **turn_ratio(model.poses, frames)}
     return ours
 
 

@@ -25,6 +25,11 @@ wider matching for too few registered images, then another matcher where it adds
 values it used, its numbers and why it was rejected go into metrics.json; the best attempt is kept even when
 none passes (metrics say `gate_passed: false` with the reasons).
 
+For cameras whose intrinsics are estimated, the kept model's camera model is then chosen by the images
+(stages.common.intrinsics): distortion and a principal point off the image centre are kept only where they are
+determined and fit better (BIC), since either, when the data do not support it, biases the focal length and
+with it every rotation of a turn.
+
 The kept model is rotated so z is up (ground plane fitted to the sparse points below the cameras, signed by
 the cameras' up vectors) and, where it is earned, scaled to metres from the camera height above the ground:
 the scale confidence is high only for a driving-like capture (ground plane under the cameras, level cameras
@@ -72,6 +77,7 @@ from stages.common.cli import guarded, make_parser
 from stages.common.device import pick_colmap_device
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
+from stages.common.intrinsics import select_intrinsics
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
 from stages.common.scene import SceneSettings
@@ -181,6 +187,10 @@ class SfmParams:
     """Refine known intrinsics in bundle adjustment (unknown ones are always estimated)."""
     camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] = "SIMPLE_RADIAL"
     """COLMAP camera model for camera groups without known intrinsics."""
+    select_intrinsics: bool = True
+    """For cameras whose intrinsics are estimated, let the images choose the camera model after mapping:
+    distortion terms and a free principal point are kept only where they are determined and fit better (BIC);
+    see stages.common.intrinsics."""
     min_images: int = 3
     """Fewest mapping images to attempt SfM."""
     max_attempts: int = 4
@@ -743,6 +753,13 @@ class _Work:
         return self.models[key]
 
 
+def estimated_cameras(rec: Any, frames: Frames) -> set[int]:
+    """Camera ids of the model whose images belong to camera groups without known intrinsics."""
+    group_of = {n: g for g, names in frames.groups.items() for n in names}
+    return {im.camera_id for im in rec.images.values()
+            if im.has_pose and not frames.intrinsics.get(group_of.get(im.name, ""))}
+
+
 def _largest(models: dict[int, Any]) -> Any | None:
     return max(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D())) if models else None
 
@@ -824,6 +841,15 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                              "triangulated; capture while moving the camera, or raise sfm.gate.max_rotation_only")
         seconds = dict(work.seconds)
         t0 = time.perf_counter()
+        estimated = estimated_cameras(rec, fr) if params.select_intrinsics else set()
+        if estimated:
+            log.info("intrinsics: choosing distortion and principal point for %d estimated camera(s)", len(estimated))
+            rec, intrinsics_info = select_intrinsics(rec, estimated)
+        else:
+            intrinsics_info = {"skipped": "every camera's intrinsics are known" if params.select_intrinsics
+                               else "sfm.select_intrinsics is false"}
+        seconds["intrinsics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         scale_info, world_from_mapper = gravity_and_scale(rec, fr.names, params, fr.settings)
         seconds["gravity_scale"] = time.perf_counter() - t0
         est = {im.name: im.cam_from_world().matrix() for im in rec.images.values() if im.has_pose}
@@ -841,7 +867,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 "images": len(fr.names),
                 "registered_images": chosen["registered"],
                 "registered_ratio": chosen["registered_ratio"],
-                "reprojection_error_px": chosen["reprojection_error_px"],
+                "reprojection_error_px": float(rec.compute_mean_reprojection_error()),
                 "track_length": chosen["track_length"],
                 "points": int(rec.num_points3D()),
                 "models": chosen["models"],
@@ -850,7 +876,8 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 "gate_reasons": chosen["rejected"],
                 "sequence": {**sequence, "used": ordered},
                 "focal_known": fr.focal_known,
-                "fov_deg": chosen["fov_deg"],
+                "fov_deg": [round(fov_long_side_deg(c), 2) for _, c in sorted(rec.cameras.items())],
+                "intrinsics": intrinsics_info,
                 **{k: errors.get(k) for k in ("rotation_error_deg_median", "rotation_error_deg_max",
                                               "position_error_median", "position_error_max",
                                               "position_error_pct_median", "ate_rmse", "ate_rmse_pct",

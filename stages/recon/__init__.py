@@ -352,6 +352,9 @@ def _geometry(clouds: dict[str, np.ndarray], truth: Path | None, model, scene: _
 def run(params: ReconParams, *, frames: Path, sfm: Path, out_dir: Path) -> ReconResult:
     import torch
 
+    from stages.common.colmap import quiet_colmap
+
+    quiet_colmap(False)  # COLMAP's undistorter and stereo log a line per image; ours say what runs
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     torch.manual_seed(params.seed)
