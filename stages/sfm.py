@@ -844,7 +844,11 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
         estimated = estimated_cameras(rec, fr) if params.select_intrinsics else set()
         if estimated:
             log.info("intrinsics: choosing distortion and principal point for %d estimated camera(s)", len(estimated))
-            rec, intrinsics_info = select_intrinsics(rec, estimated)
+            try:
+                rec, intrinsics_info = select_intrinsics(rec, estimated)
+            except (RuntimeError, ValueError) as exc:  # pycolmap's BA or covariance refused: keep the mapper's
+                log.warning("intrinsics selection failed (%s); the mapper's camera model is kept", exc)
+                intrinsics_info = {"skipped": f"selection failed: {exc}"}
         else:
             intrinsics_info = {"skipped": "every camera's intrinsics are known" if params.select_intrinsics
                                else "sfm.select_intrinsics is false"}
