@@ -77,7 +77,7 @@ from stages.common.cli import guarded, make_parser
 from stages.common.device import pick_colmap_device
 from stages.common.errors import StageError
 from stages.common.geometry import camera_center
-from stages.common.intrinsics import select_intrinsics
+from stages.common.intrinsics import reprojection_errors, select_intrinsics
 from stages.common.outputs import atomic_dir, write_json
 from stages.common.params import load_section, require
 from stages.common.scene import SceneSettings
@@ -680,18 +680,7 @@ def gravity_and_scale(rec: Any, names: list[str], params: SfmParams, settings: S
 
 def per_image_reprojection(rec: Any) -> dict[str, float]:
     """Mean reprojection error (px) of each registered image's triangulated observations."""
-    out = {}
-    for im in rec.images.values():
-        if not im.has_pose:
-            continue
-        obs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in im.points2D if p.has_point3D()]
-        if not obs:
-            continue
-        uv, xyz = np.array([o[0] for o in obs]), np.array([o[1] for o in obs])
-        P = im.cam_from_world().matrix()
-        proj = np.array(rec.cameras[im.camera_id].img_from_cam(xyz @ P[:3, :3].T + P[:3, 3]))
-        out[im.name] = float(np.linalg.norm(proj - uv, axis=1).mean())
-    return out
+    return {name: float(err.mean()) for name, err in reprojection_errors(rec).items()}
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -39,9 +39,10 @@ BA_MAX_ITERATIONS = 100
 BA_FUNCTION_TOLERANCE = 1e-10
 
 
-def residuals(rec: Any) -> tuple[float, int]:
-    """Sum of squared reprojection errors (px^2) of every triangulated observation, and their number."""
-    total, count = 0.0, 0
+def reprojection_errors(rec: Any) -> dict[str, np.ndarray]:
+    """Reprojection error (px) of each triangulated observation, by registered image name (NaN where a point
+    does not project)."""
+    out = {}
     for im in rec.images.values():
         if not im.has_pose:
             continue
@@ -52,10 +53,16 @@ def residuals(rec: Any) -> tuple[float, int]:
         xyz = np.array([rec.points3D[o[1]].xyz for o in obs])
         P = im.cam_from_world().matrix()
         proj = np.asarray(rec.cameras[im.camera_id].img_from_cam(xyz @ P[:3, :3].T + P[:3, 3]))
-        ok = np.isfinite(proj).all(1)
-        total += float(((proj[ok] - uv[ok]) ** 2).sum()) + 1e6 * float((~ok).sum())
-        count += len(uv)
-    return total, count
+        out[im.name] = np.linalg.norm(proj - uv, axis=1)
+    return out
+
+
+def residuals(rec: Any) -> tuple[float, int]:
+    """Sum of squared reprojection errors (px^2) of every triangulated observation, and their number (an
+    observation that does not project counts as a 1000 px error)."""
+    errors = np.concatenate(list(reprojection_errors(rec).values()) or [np.zeros(0)])
+    ok = np.isfinite(errors)
+    return float((errors[ok] ** 2).sum()) + 1e6 * float((~ok).sum()), len(errors)
 
 
 def _options(distortion: bool, principal_point: bool) -> Any:
