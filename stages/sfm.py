@@ -28,7 +28,8 @@ none passes (metrics say `gate_passed: false` with the reasons).
 For cameras whose intrinsics are estimated, the kept model's camera model is then chosen by the images
 (stages.common.intrinsics): distortion and a principal point off the image centre are kept only where they are
 determined and fit better (BIC), since either, when the data do not support it, biases the focal length and
-with it every rotation of a turn.
+with it every rotation of a turn. Where the cross-check runs, both of its models get this choice before they are
+compared, so the check judges the models as they would be kept.
 
 The kept model is rotated so z is up (ground plane fitted to the sparse points below the cameras, signed by
 the cameras' up vectors) and, where it is earned, scaled to metres from the camera height above the ground:
@@ -38,8 +39,9 @@ say so. The scene's scene.yaml (copied by ingest) may set the camera height or f
 Ground-truth poses (ingest's manifest) are used only to evaluate, after a Sim3 alignment whose rotation comes
 from the camera orientations.
 
-Runs are deterministic: RANSAC, the mappers and retrieval are seeded from `seed`, pairs are sorted. COLMAP's
-own log is quiet unless `verbose: true`.
+Runs are deterministic: RANSAC, the mappers and retrieval are seeded from `seed`, pairs are sorted, and the
+matcher and GLOMAP run on one thread each (with more, matches and poses varied from run to run under load).
+COLMAP's own log is quiet unless `verbose: true`.
 
 Outputs in --out (layout owned by stages.common.artifacts): model/ (COLMAP binary; image names relative to
 the ingest folder, as in its manifest), poses.csv (cam_from_world per mapping image, with the reason for
@@ -694,7 +696,7 @@ class _Work:
         self.features: dict[tuple, tuple[Path, dict]] = {}
         self.matched: dict[tuple, tuple[Path, int, dict]] = {}
         self.models: dict[tuple, dict[int, Any]] = {}
-        self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0}
+        self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0, "intrinsics": 0.0}
 
     def features_used(self, att: Attempt) -> dict:
         """The extraction values the attempt's features were made with (the user's overrides win)."""
@@ -749,6 +751,21 @@ def estimated_cameras(rec: Any, frames: Frames) -> set[int]:
             if im.has_pose and not frames.intrinsics.get(group_of.get(im.name, ""))}
 
 
+def choose_intrinsics(rec: Any, frames: Frames, params: SfmParams) -> tuple[Any, dict]:
+    """`rec` with its estimated cameras' model chosen by the images (stages/common/intrinsics.py), and the record
+    of that choice; `rec` as it is where every camera is known, the step is off, or pycolmap refuses it."""
+    estimated = estimated_cameras(rec, frames) if params.select_intrinsics else set()
+    if not estimated:
+        return rec, {"skipped": "every camera's intrinsics are known" if params.select_intrinsics
+                     else "sfm.select_intrinsics is false"}
+    log.info("intrinsics: choosing distortion and principal point for %d estimated camera(s)", len(estimated))
+    try:
+        return select_intrinsics(rec, estimated)
+    except (RuntimeError, ValueError) as exc:  # pycolmap's BA or covariance refused: keep the mapper's
+        log.warning("intrinsics selection failed (%s); the mapper's camera model is kept", exc)
+        return rec, {"skipped": f"selection failed: {exc}"}
+
+
 def _largest(models: dict[int, Any]) -> Any | None:
     return max(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D())) if models else None
 
@@ -788,6 +805,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                     att = dataclasses.replace(att, matcher=first_matcher(fr, params, False))
                     continue
             models = work.map(att, att.mapper)
+            selected = None  # the intrinsics choice, where the cross-check made it on this attempt's model
             record = {**dataclasses.asdict(att), **work.features_used(att), "pairs": n_pairs,
                       "verified_pairs": len(geoms), "models": len(models)}
             rec = _largest(models)
@@ -803,6 +821,13 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                     subset = fr.names[::2] if att.cross_subset and len(fr.names) >= 2 * CROSS_CHECK_MIN_IMAGES else None
                     other_rec = _largest(work.map(att, numbers["cross_check"]["mapper"], subset))
                     if other_rec is not None:
+                        # Both models with the camera model the images choose: the mapper's fixed principal
+                        # point and free k1 bend each model its own way (kitti00_turn without its intrinsics:
+                        # 0.56 deg apart as mapped, 0.14 deg once both chose theirs).
+                        t_sel = time.perf_counter()
+                        rec, selected = choose_intrinsics(rec, fr, params)
+                        other_rec, _ = choose_intrinsics(other_rec, fr, params)
+                        work.seconds["intrinsics"] += time.perf_counter() - t_sel
                         numbers["cross_check"].update(compare_models(rec, other_rec, fr))
                 main_names = {im.name for im in rec.images.values() if im.has_pose}
                 # A second model only matters when it holds images the main one lacks (registered_ratio says so).
@@ -811,7 +836,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 record.update(numbers, rejected=gate(numbers, params.gate), other_models=[m for m in extra if m])
                 score = (not record["rejected"], numbers["registered"], -len(record["rejected"]))
                 if best is None or score > best[2]:
-                    best = (rec, record, score)
+                    best = (rec, record, score, selected)
             record["seconds"] = round(time.perf_counter() - t0, 2)
             attempts.append(record)
             done.append(att)
@@ -823,25 +848,16 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
             att = next_rung(fr, params, ordered, done, record["rejected"], mapped)
         if best is None:
             raise StageError(_no_model_message(fr, attempts, frames))
-        rec, chosen, _ = best
+        rec, chosen, _, intrinsics_info = best
         if any(r.startswith(NO_BASELINE) for r in chosen["rejected"]):
             raise StageError(f"{NO_BASELINE} in {frames}: the camera rotated in place ("
                              f"{chosen['homography_pairs']:.0%} of the image pairs), so no 3D structure can be "
                              "triangulated; capture while moving the camera, or raise sfm.gate.max_rotation_only")
-        seconds = dict(work.seconds)
         t0 = time.perf_counter()
-        estimated = estimated_cameras(rec, fr) if params.select_intrinsics else set()
-        if estimated:
-            log.info("intrinsics: choosing distortion and principal point for %d estimated camera(s)", len(estimated))
-            try:
-                rec, intrinsics_info = select_intrinsics(rec, estimated)
-            except (RuntimeError, ValueError) as exc:  # pycolmap's BA or covariance refused: keep the mapper's
-                log.warning("intrinsics selection failed (%s); the mapper's camera model is kept", exc)
-                intrinsics_info = {"skipped": f"selection failed: {exc}"}
-        else:
-            intrinsics_info = {"skipped": "every camera's intrinsics are known" if params.select_intrinsics
-                               else "sfm.select_intrinsics is false"}
-        seconds["intrinsics"] = time.perf_counter() - t0
+        if intrinsics_info is None:
+            rec, intrinsics_info = choose_intrinsics(rec, fr, params)
+        work.seconds["intrinsics"] += time.perf_counter() - t0
+        seconds = dict(work.seconds)
         t0 = time.perf_counter()
         scale_info, world_from_mapper = gravity_and_scale(rec, fr.names, params, fr.settings)
         seconds["gravity_scale"] = time.perf_counter() - t0

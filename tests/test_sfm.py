@@ -56,6 +56,14 @@ def test_synthetic_drive_poses_match_ground_truth(tiny_sfm):
         assert key in on_disk
 
 
+def test_same_input_and_seed_give_the_same_poses_and_verdict(tiny_sfm, tiny_frames, tmp_path):
+    again = sfm.run(TINY_SFM, frames=tiny_frames, out_dir=tmp_path / "again")
+    for name in ("poses.csv", "sparse.ply"):
+        assert (again.out_dir / name).read_bytes() == (tiny_sfm.out_dir / name).read_bytes(), name
+    assert again.metrics["gate_passed"] == tiny_sfm.metrics["gate_passed"]
+    assert again.metrics["attempts"][-1]["name"] == tiny_sfm.metrics["attempts"][-1]["name"]
+
+
 def test_gravity_and_metric_scale_from_camera_height(tiny_sfm, tiny_frames):
     model = read_sfm(tiny_sfm.out_dir)
     assert list(model.poses) == read_ingest(tiny_frames).names  # one naming: the ingest folder's

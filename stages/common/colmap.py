@@ -262,6 +262,10 @@ def match(db: Path, pairs: set[tuple[str, str]], pairs_file: Path, *, features: 
     opts = pycolmap.FeatureMatchingOptions()
     opts.type = getattr(pycolmap.FeatureMatcherType, FEATURES[features].matcher)
     opts.max_num_matches = max(opts.max_num_matches, 2 * max_num_features)
+    # Two matcher threads gave different matches on a few pairs from run to run when the machine was loaded
+    # (29 of 3,496 pairs of a 320-frame street, all of one image, once in 4 builds); one thread gave the same
+    # matches in every build, loaded or not, in the same time on 2 cores (31 s for those pairs either way).
+    opts.num_threads = 1
     merge_options(opts, matching, "sfm.matching")
     geometry = pycolmap.TwoViewGeometryOptions()
     geometry.ransac.random_seed = seed
