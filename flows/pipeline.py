@@ -21,9 +21,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
+# Without a Prefect server (PREFECT_API_URL unset) the flow starts a temporary one on SQLite, which lives only as
+# long as the run. On a loaded 2-core machine it took more than Prefect's 20 s to start, and its background
+# writers (event persister, triggers, logs shipped to the API) held SQLite's lock long enough to crash the run
+# with "database is locked"; the run's states do not need them. Settings the user gave win; with a real server
+# nothing changes.
+if not os.environ.get("PREFECT_API_URL"):
+    for _key, _value in {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                         "PREFECT_LOGGING_TO_API_ENABLED": "false",
+                         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+                         "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+                         "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}.items():
+        os.environ.setdefault(_key, _value)
+
+from prefect import flow, task  # noqa: E402
+from prefect.futures import wait  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 
 
