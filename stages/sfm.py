@@ -696,6 +696,7 @@ class _Work:
         self.features: dict[tuple, tuple[Path, dict]] = {}
         self.matched: dict[tuple, tuple[Path, int, dict]] = {}
         self.models: dict[tuple, dict[int, Any]] = {}
+        self.selected: dict[int, tuple[Any, dict]] = {}  # by id() of a model held in self.models
         self.seconds = {"features": 0.0, "matching": 0.0, "mapping": 0.0, "intrinsics": 0.0}
 
     def features_used(self, att: Attempt) -> dict:
@@ -730,6 +731,14 @@ class _Work:
             self.seconds["matching"] += time.perf_counter() - t1
             self.matched[att.matches_key] = (db, len(pairs), verified_pairs(db))
         return self.matched[att.matches_key]
+
+    def choose_intrinsics(self, rec: Any) -> tuple[Any, dict]:
+        """choose_intrinsics of one of this run's models, made once per model (rungs share models)."""
+        if id(rec) not in self.selected:
+            t0 = time.perf_counter()
+            self.selected[id(rec)] = choose_intrinsics(rec, self.frames, self.params)
+            self.seconds["intrinsics"] += time.perf_counter() - t0
+        return self.selected[id(rec)]
 
     def map(self, att: Attempt, mapper: str, image_names: list[str] | None = None) -> dict[int, Any]:
         """The models of `mapper` on the attempt's matches (on `image_names` only, when given)."""
@@ -824,10 +833,8 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                         # Both models with the camera model the images choose: the mapper's fixed principal
                         # point and free k1 bend each model its own way (kitti00_turn without its intrinsics:
                         # 0.56 deg apart as mapped, 0.14 deg once both chose theirs).
-                        t_sel = time.perf_counter()
-                        rec, selected = choose_intrinsics(rec, fr, params)
-                        other_rec, _ = choose_intrinsics(other_rec, fr, params)
-                        work.seconds["intrinsics"] += time.perf_counter() - t_sel
+                        rec, selected = work.choose_intrinsics(rec)
+                        other_rec, _ = work.choose_intrinsics(other_rec)
                         numbers["cross_check"].update(compare_models(rec, other_rec, fr))
                 main_names = {im.name for im in rec.images.values() if im.has_pose}
                 # A second model only matters when it holds images the main one lacks (registered_ratio says so).
