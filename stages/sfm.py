@@ -814,7 +814,6 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                     att = dataclasses.replace(att, matcher=first_matcher(fr, params, False))
                     continue
             models = work.map(att, att.mapper)
-            selected = None  # the intrinsics choice, where the cross-check made it on this attempt's model
             record = {**dataclasses.asdict(att), **work.features_used(att), "pairs": n_pairs,
                       "verified_pairs": len(geoms), "models": len(models)}
             rec = _largest(models)
@@ -833,9 +832,8 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                         # Both models with the camera model the images choose: the mapper's fixed principal
                         # point and free k1 bend each model its own way (kitti00_turn without its intrinsics:
                         # 0.56 deg apart as mapped, 0.14 deg once both chose theirs).
-                        rec, selected = work.choose_intrinsics(rec)
-                        other_rec, _ = work.choose_intrinsics(other_rec)
-                        numbers["cross_check"].update(compare_models(rec, other_rec, fr))
+                        numbers["cross_check"].update(compare_models(work.choose_intrinsics(rec)[0],
+                                                                     work.choose_intrinsics(other_rec)[0], fr))
                 main_names = {im.name for im in rec.images.values() if im.has_pose}
                 # A second model only matters when it holds images the main one lacks (registered_ratio says so).
                 extra = [sorted(im.name for im in r.images.values() if im.has_pose and im.name not in main_names)
@@ -843,7 +841,7 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
                 record.update(numbers, rejected=gate(numbers, params.gate), other_models=[m for m in extra if m])
                 score = (not record["rejected"], numbers["registered"], -len(record["rejected"]))
                 if best is None or score > best[2]:
-                    best = (rec, record, score, selected)
+                    best = (rec, record, score)
             record["seconds"] = round(time.perf_counter() - t0, 2)
             attempts.append(record)
             done.append(att)
@@ -855,15 +853,12 @@ def run(params: SfmParams, *, frames: Path, out_dir: Path) -> SfmResult:
             att = next_rung(fr, params, ordered, done, record["rejected"], mapped)
         if best is None:
             raise StageError(_no_model_message(fr, attempts, frames))
-        rec, chosen, _, intrinsics_info = best
+        rec, chosen, _ = best
         if any(r.startswith(NO_BASELINE) for r in chosen["rejected"]):
             raise StageError(f"{NO_BASELINE} in {frames}: the camera rotated in place ("
                              f"{chosen['homography_pairs']:.0%} of the image pairs), so no 3D structure can be "
                              "triangulated; capture while moving the camera, or raise sfm.gate.max_rotation_only")
-        t0 = time.perf_counter()
-        if intrinsics_info is None:
-            rec, intrinsics_info = choose_intrinsics(rec, fr, params)
-        work.seconds["intrinsics"] += time.perf_counter() - t0
+        rec, intrinsics_info = work.choose_intrinsics(rec)  # made once: the cross-check may have made it
         seconds = dict(work.seconds)
         t0 = time.perf_counter()
         scale_info, world_from_mapper = gravity_and_scale(rec, fr.names, params, fr.settings)
