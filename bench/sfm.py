@@ -29,7 +29,9 @@ from 1 on every step of a turn is a scale error of the angles, of ours' focal le
 `--runs` times to check that the verdict is stable.
 
 Writes bench/results/sfm.json (after every scene) and prints a table.
-Usage: `python bench/sfm.py [--scenes street kitti06 ...] [--runs 3] [--skip-baseline]`.
+Usage: `python bench/sfm.py [--scenes street kitti06 ...] [--runs 3] [--skip-baseline]`. A variant of the
+stage's params: `--sfm KEY=VALUE` (repeatable, VALUE in YAML) with `--results bench/results/<name>.json`, e.g.
+`--sfm 'extraction={sift: {first_octave: -1}}' --results bench/results/sfm_upsampled.json`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import pycolmap
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 from stages.common.align import rotation_angle_deg  # noqa: E402
 from stages.common.artifacts import Frames, evaluate_poses, read_ingest, read_sfm  # noqa: E402
 from stages.common.cli import setup_logging  # noqa: E402
-from stages.common.params import load_section  # noqa: E402
+from stages.common.errors import StageError  # noqa: E402
+from stages.common.params import build, load_section  # noqa: E402
 from stages.common.scene import INTRINSIC_KEYS  # noqa: E402
 from stages.ingest import IngestParams  # noqa: E402
 from stages.ingest import run as ingest_run  # noqa: E402
@@ -68,6 +72,8 @@ from stages.synth import run as synth_run  # noqa: E402
 PARAMS = ROOT / "params.yaml"
 REAL_DIR = ROOT.parent / "shared/data/real"
 RESULT = ROOT / "bench/results/sfm.json"
+# `--sfm KEY=VALUE` overrides of params.yaml's sfm section for ours (a variant's figures; written with --results).
+SFM_OVERRIDES: dict = {}
 # Plain pycolmap's exhaustive matching of 320 frames (51k pairs) would take about an hour on 2 cores; the long
 # street is compared with ours on the 80-frame street instead.
 NO_BASELINE_SCENES = {"street_long": "exhaustive matching of 320 frames (51,040 pairs) is not run; compared with "
@@ -291,9 +297,17 @@ def no_model(n_frames: int, reason: str) -> dict:
 # ------------------------------------------------------------------------------------------- the runs
 
 
+def sfm_params() -> SfmParams:
+    """params.yaml's sfm section with this run's --sfm overrides (checked like params.yaml's own values)."""
+    params = load_section(PARAMS, "sfm", SfmParams)
+    if not SFM_OVERRIDES:
+        return params
+    return build(SfmParams, {**dataclasses.asdict(params), **SFM_OVERRIDES}, "--sfm")
+
+
 def run_ours(ingest_dir: Path, out_dir: Path, frames: Frames) -> dict:
     """Run the sfm stage, time it, report its metrics and cross-check them against this benchmark's."""
-    params = load_section(PARAMS, "sfm", SfmParams)
+    params = sfm_params()
     t0 = time.perf_counter()
     result = sfm_run(params, frames=ingest_dir, out_dir=out_dir)
     seconds = time.perf_counter() - t0
@@ -622,31 +636,54 @@ def _fmt_measured(value) -> str:
 
 
 def write_results(results: dict) -> None:
-    """Write the results as JSON to bench/results/sfm.json."""
+    """Write the results as JSON to RESULT (bench/results/sfm.json unless --results says otherwise)."""
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(_plain(results), indent=2) + "\n")
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` of --sfm, VALUE read as YAML (`extraction={sift: {first_octave: -1}}`, `mapper=incremental`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not YAML ({exc.__class__.__name__})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Benchmark the chosen scenes in a temporary folder, write bench/results/sfm.json, print a table."""
+    global RESULT
     parser = argparse.ArgumentParser(prog="python bench/sfm.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES, help="scenes to benchmark")
     parser.add_argument("--skip-baseline", action="store_true", help="run only ours (no time ratio)")
     parser.add_argument("--runs", type=int, default=3,
                         help=f"times ours runs on {' and '.join(REPEATED_SCENES)} (verdict stability); default 3")
+    parser.add_argument("--sfm", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="override a key of params.yaml's sfm section for ours (repeatable); use with --results")
+    parser.add_argument("--results", type=Path, default=RESULT,
+                        help=f"where to write the results (default {RESULT.relative_to(ROOT)})")
     parser.add_argument("--update", action="store_true",
                         help="keep the other scenes of the existing bench/results/sfm.json (rerun only --scenes)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    RESULT = args.results.resolve()
+    SFM_OVERRIDES.update(dict(args.sfm))
+    try:
+        sfm_params()
+    except StageError as exc:
+        parser.error(str(exc))
     results = {
         "runs": args.runs,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "pycolmap": pycolmap.__version__,
         "pycolmap_has_cuda": bool(pycolmap.has_cuda),
+        "sfm_overrides": SFM_OVERRIDES,
         "scenes": {},
     }
     if args.update and RESULT.exists():
@@ -661,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             # Written after every scene, so a run that fails later still leaves what it measured.
             write_results({**results, "complete": scene == args.scenes[-1]})
     print_table(_plain(results))
-    print(f"wrote {RESULT.relative_to(ROOT)}")
+    print(f"wrote {RESULT}")
     return 0
 
 
