@@ -653,7 +653,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Benchmark the chosen scenes in a temporary folder, write bench/results/sfm.json, print a table."""
+    """Benchmark the chosen scenes in a temporary folder, write the results (bench/results/sfm.json), print a table."""
     global RESULT
     parser = argparse.ArgumentParser(prog="python bench/sfm.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULT,
                         help=f"where to write the results (default {RESULT.relative_to(ROOT)})")
     parser.add_argument("--update", action="store_true",
-                        help="keep the other scenes of the existing bench/results/sfm.json (rerun only --scenes)")
+                        help="keep the other scenes of the existing results file (rerun only --scenes)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.runs < 1:
