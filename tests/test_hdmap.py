@@ -16,6 +16,7 @@ from stages.common.artifacts import read_map_rasters
 from stages.hdmap import lanes as ln
 from stages.hdmap.evaluate import evaluate_map
 from stages.hdmap.markings import Marking
+from stages.hdmap.poles import BAR_HALF_WIDTHS, bar_responses
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.sfm import SfmParams
@@ -49,6 +50,23 @@ def test_straight_street_markings_types_poles_and_lanes_against_ground_truth(str
     assert m["dash_type_accuracy"] >= 0.9
     assert m["pole_recall"] >= 0.5 and m["pole_precision"] >= 0.6 and m["pole_rmse_m"] < 0.3
     assert m["lanes"] == 2 and m["solid"] >= 2 and m["dashed"] >= 1
+
+
+def test_a_bar_of_another_colour_but_the_same_brightness_is_a_bar_and_an_edge_is_not():
+    rng = np.random.default_rng(0)
+    img = np.zeros((120, 200, 3), np.float32)
+    img[:] = (60, 160, 90)  # green wall (BGR)
+    grey = float(cv2.cvtColor(img[:1, :1], cv2.COLOR_BGR2GRAY)[0, 0])
+    img[:, 97:104] = grey  # a grey pole 7 px wide (half-width 3) of the wall's own brightness
+    img[:, 150:] = (160, 60, 90)  # an edge to a purple wall
+    img += rng.normal(0, 2, img.shape).astype(np.float32)
+    bars = bar_responses(np.clip(img, 0, 255).astype(np.uint8))
+    level = BAR_HALF_WIDTHS.index(3)
+    assert bars[level, 20:100, 100].mean() > 0.95  # the pole's centre, all the way up
+    assert bars[level, 20:100, 145:156].max() == 0  # nothing at the edge
+    # the same image in grey: the pole is invisible (why the response is computed in colour)
+    gray = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_BGR2GRAY)
+    assert bar_responses(gray)[level, 20:100, 100].mean() < 0.5
 
 
 def test_outputs_load_and_agree(straight_map):

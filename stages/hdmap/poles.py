@@ -63,22 +63,27 @@ class Pole:
     views: int
 
 
-def bar_responses(grey: np.ndarray) -> np.ndarray:
+def bar_responses(image: np.ndarray) -> np.ndarray:
     """(len(BAR_HALF_WIDTHS), H, W) float 0/1: where a thin vertical bar of each width is centred.
 
-    The bar response (centre window against both flanks, in the same sense) must be the largest within two bar
-    widths left and right and above the image's own BAR_FLOOR_PERCENTILE; the indicator is widened by a pixel
-    each side so a projection a pixel off still lands on it. Being centred on a bar, not being strong, is what
-    a pole gives in every view, so strong edges elsewhere in a frame do not drown weak poles.
+    `image` is colour (H, W, 3) or grey. The bar response of a window is its colour distance to the nearer of
+    its two flanks, less half the flanks' distance to each other: a bar in front of any background responds, an
+    edge or a ramp between two colours does not (a grey pole in front of a green wall of the same brightness is
+    as clear as a dark one). The response must be the largest within two bar widths left and right and above
+    the image's own BAR_FLOOR_PERCENTILE; the indicator is widened by a pixel each side so a projection a pixel
+    off still lands on it. Being centred on a bar, not being strong, is what a pole gives in every view, so
+    strong edges elsewhere in a frame do not drown weak poles.
     """
-    g = grey.astype(np.float32)
+    g = image.astype(np.float32)
+    g = g if g.ndim == 3 else g[:, :, None]
     out = []
     for hw in BAR_HALF_WIDTHS:
         w = 2 * hw + 1
-        c = cv2.blur(g, (w, VERTICAL_SMOOTH_PX))
+        c = cv2.blur(g, (w, VERTICAL_SMOOTH_PX)).reshape(g.shape)
         left = np.roll(c, w, axis=1)
         right = np.roll(c, -w, axis=1)
-        r = np.maximum(np.maximum(np.minimum(c - left, c - right), np.minimum(left - c, right - c)), 0)
+        dl, dr, dlr = (np.linalg.norm(a - b, axis=2) for a, b in ((c, left), (c, right), (left, right)))
+        r = np.maximum(np.minimum(dl, dr) - 0.5 * dlr, 0)
         r[:, : 2 * BAR_HALF_WIDTHS[-1] + 1] = 0
         r[:, -2 * BAR_HALF_WIDTHS[-1] - 1:] = 0
         floor = float(np.percentile(r, BAR_FLOOR_PERCENTILE))
@@ -171,7 +176,7 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     X = np.stack([x, y, surface(x, y)], 1)
     images = []
     for v in views:
-        img = cv2.imread(str(image_dir / v.name), cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(image_dir / v.name), cv2.IMREAD_COLOR)
         images.append(bar_responses(img) if img is not None else np.zeros((len(BAR_HALF_WIDTHS), 1, 1), np.float32))
     total, count, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS, nominal_radius_m, range_m)
     score = np.where(count >= min_views, total / np.maximum(count, 1), 0.0)
