@@ -7,7 +7,10 @@ recall / RMSE / height error, lanes), the hdmap stage's seconds on this machine,
 and solid/dashed accuracy >= 0.9, pole precision and recall >= 0.9 with RMSE <= 0.3 m, <= 120 s. kitti06 has no
 map ground truth: its overlay is written to bench/results/hdmap_kitti06_overlay.jpg to be looked at.
 
-Writes bench/results/hdmap.json. Usage: `python bench/hdmap.py [--scenes street synth_turn kitti06]`.
+Writes bench/results/hdmap.json; a run of some scenes keeps the other scenes' earlier rows (each row has its
+own date). `--seeds 1 2` also scores the synthetic scenes rendered with those synth seeds (other streets of
+the same kind), as `street@seed1` and so on: a check that a change helps streets other than the visible ones.
+Usage: `python bench/hdmap.py [--scenes street synth_turn kitti06] [--seeds N ...] [--keep DIR]`.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ TARGETS = {"marking_f1": (">=", 0.9), "dash_type_accuracy": (">=", 0.9), "pole_p
            "pole_recall": (">=", 0.9), "pole_rmse_m": ("<=", 0.3), "seconds": ("<=", 120.0)}
 
 
-def bench_scene(scene: str, tmp: Path) -> dict:
-    made = bench_sfm.make_inputs(scene, tmp)
+def bench_scene(scene: str, tmp: Path, seed: int | None = None) -> dict:
+    made = bench_sfm.make_inputs(scene, tmp, seed)
     if isinstance(made, str):
         return {"skipped": made}
     ingest_dir, _ = made
@@ -63,7 +66,7 @@ def bench_scene(scene: str, tmp: Path) -> dict:
         v = out.get(key)
         met = None if v is None else (v >= limit if op == ">=" else v <= limit)
         out["targets"][key] = {"target": f"{op} {limit}", "measured": v, "met": met}
-    if scene == "kitti06":
+    if scene == "kitti06" and seed is None:
         img = cv2.imread(str(res.out_dir / "overlay.png"))
         cv2.imwrite(str(ROOT / "bench/results/hdmap_kitti06_overlay.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return out
@@ -75,18 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="write each scene's ingest, sfm and hdmap outputs under DIR (kept) instead of a temporary folder")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                        help="also render the synthetic scenes with these synth seeds (other streets of the same kind: "
+                             "other buildings, poles, textures), scored as `<scene>@seedN`; real scenes are not repeated")
     args = parser.parse_args(argv)
     setup_logging()
+    earlier = json.loads(RESULT.read_text()).get("scenes", {}) if RESULT.is_file() else {}
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "cpu_count": os.cpu_count(), "scenes": {}}
+               "cpu_count": os.cpu_count(), "scenes": earlier}
     with tempfile.TemporaryDirectory(prefix="bench_hdmap_") as tmp_dir:
         tmp = args.keep or tmp_dir
-        for scene in args.scenes:
-            print(f"[{scene}] ...", flush=True)
-            results["scenes"][scene] = bench_scene(scene, Path(tmp))
+        runs = [(scene, None) for scene in args.scenes] + [
+            (scene, seed) for seed in args.seeds or [] for scene in args.scenes if scene in bench_sfm.SYNTH_SCENES]
+        for scene, seed in runs:
+            key = scene if seed is None else f"{scene}@seed{seed}"
+            print(f"[{key}] ...", flush=True)
+            work = Path(tmp) if seed is None else Path(tmp) / f"seed{seed}"
+            results["scenes"][key] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                      **bench_scene(scene, work, seed)}
             RESULT.write_text(json.dumps(bench_sfm._plain(results), indent=2) + "\n")
-            r = results["scenes"][scene]
-            print(f"[{scene}] " + ", ".join(f"{k} {v['measured']!s:.6} ({'met' if v['met'] else 'NOT met' if v['met'] is False else '-'})"
+            r = results["scenes"][key]
+            print(f"[{key}] " + ", ".join(f"{k} {v['measured']!s:.6} ({'met' if v['met'] else 'NOT met' if v['met'] is False else '-'})"
                                             for k, v in r.get("targets", {}).items()), flush=True)
     print(f"wrote {RESULT.relative_to(ROOT)}")
     return 0

@@ -147,14 +147,17 @@ def nofocal_scene(src: Path, dst: Path) -> float | None:
     return true_fov_deg(transforms)
 
 
-def make_inputs(scene: str, tmp: Path) -> tuple[Path, dict] | str:
-    """Ingest `scene` into tmp/ingest/<scene> (rendering it first if synthetic); a reason string if it cannot.
+def make_inputs(scene: str, tmp: Path, seed: int | None = None) -> tuple[Path, dict] | str:
+    """Ingest `scene` into tmp/ingest/<scene> (rendering it first if synthetic, with synth's `seed` when given:
+    another street of the same kind); a reason string if it cannot.
 
     Also returns facts about the inputs: `fov_true_deg` for _nofocal scenes."""
     ingest_params = load_section(PARAMS, "ingest", IngestParams)
     info: dict = {}
     if scene in SYNTH_SCENES:
         params = synth_params(scene)
+        if seed is not None:
+            params = dataclasses.replace(params, seed=seed)
         scene_dir = tmp / "raw" / scene
         synth_run(params, out_dir=scene_dir)
         if params.n_frames > ingest_params.max_frames:
