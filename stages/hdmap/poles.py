@@ -2,10 +2,12 @@
 
 A pole standing at (x, y) on the road surface projects, in every frame that sees it, onto a near-vertical thin
 bar from its foot upwards. Each frame gets, at a few widths, a map of where a thin vertical bar is centred (the
-centre of a window differs from both flanks in the same sense, as a thin bar does and an edge or a wide surface
-does not, and more than anywhere within two widths). Every ground cell of the map then collects, from each
-frame that sees it within range, the share of the projected vertical segment between POLE_SAMPLE_HEIGHTS that
-lands on a centred bar of the width a pole of nominal radius has at that depth. A pole scores high in most
+centre of a window differs in colour from both flanks, as a thin bar does and an edge or a wide surface does
+not, and more than anywhere within two widths). Every ground cell of the map then collects, from each frame
+that sees it within range, the share of the projected vertical segment between POLE_SAMPLE_HEIGHTS that lands
+on a centred bar of the width a pole of a given radius has at that depth (the best of a few radii around the
+nominal one), times the share of the ground just in front of the foot that shows no bar (a pole ends where it
+stands; a cell behind a pole along the viewing ray has that pole in front of it). A pole scores high in most
 views; a cell of road, wall or sky hits a bar only by chance. Peaks whose mean share reaches `min_score` over
 at least `min_views` frames are poles if their foot has open ground around it and the sparse model has points
 along them (a pole's own texture gives features; the bars of a window frame on a far wall are seen too, but
@@ -49,6 +51,14 @@ MIN_POLE_POINTS = 2
 # Heights (m) probed for a pole's top, and the share of the pole's lower response at which it counts as ended.
 TOP_PROBE = np.arange(0.5, 12.01, 0.25)
 TOP_DROP = 0.5
+# A pole's width is not known in advance: a cell scores the best of these multiples of the nominal radius (about
+# one step of BAR_HALF_WIDTHS apart), each held over all the views.
+RADIUS_FACTORS = (2 / 3, 1.0, 1.5)
+# The foot test: ground points this far (m) in front of a candidate's foot, towards the camera, are looked at in
+# the image column of the pole, where they project at least FOOT_MIN_GAP_PX below the foot (clear of the
+# vertical smoothing of the bar response); a bar there means something stands in front of the candidate.
+FOOT_FRONT_M = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+FOOT_MIN_GAP_PX = 6.0
 
 
 @dataclasses.dataclass
@@ -93,9 +103,12 @@ def bar_responses(image: np.ndarray) -> np.ndarray:
 
 
 def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights: tuple[float, ...],
-          radius_m: float, range_m: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per candidate: sum of per-view mean responses over the views that see the whole segment, their number,
-    and the mean response at each height over the views that see that height (N, len(heights))."""
+          radius_m: float, range_m: tuple[float, float], unit: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate: sum over the views that see the whole segment of the mean response along it, times the
+    share of the ground just in front of its foot that shows no bar (the foot test: a pole ends where it stands;
+    a ghost behind a pole along the viewing ray has that pole in front of its foot); the number of those views;
+    and the mean response at each height over the views that see that height (N, len(heights)). Lengths in
+    model units, `unit` per metre for FOOT_FRONT_M."""
     total = np.zeros(len(X_N3))
     count = np.zeros(len(X_N3), int)
     per_h = np.zeros((len(X_N3), len(heights)))
@@ -121,8 +134,27 @@ def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights
                 sel = np.nonzero(ok & (level == lv))[0]
                 acc[sel, k] = sample_bilinear(resp[lv], uv[sel])[:, 0]
         whole = seen.all(1)  # the score counts views that see the whole sampled segment
+        # A pole ends at its foot: the ground just in front of it (towards the camera) shows no bar in the image.
+        # A ghost behind a pole along the viewing ray has that pole there.
+        uv0, depth0 = v.project(X_N3[near])
+        half0 = radius_m * f / np.maximum(depth0, 1e-3)
+        level0 = np.argmin(np.abs(hw[None, :] - half0[:, None]), axis=1)
+        toward = v.center[:2] - X_N3[near, :2]
+        toward /= np.maximum(np.linalg.norm(toward, axis=1, keepdims=True), 1e-9)
+        hits = np.zeros(len(near))
+        tried = np.zeros(len(near))
+        for step in FOOT_FRONT_M:
+            G = X_N3[near].copy()
+            G[:, :2] += step * unit * toward
+            q, _ = v.project(G)
+            okq = np.isfinite(q[:, 0]) & (q[:, 1] < v.camera.height - 1) & (q[:, 1] - uv0[:, 1] >= FOOT_MIN_GAP_PX)
+            for lv in np.unique(level0[okq]):
+                sel = np.nonzero(okq & (level0 == lv))[0]
+                hits[sel] += sample_bilinear(resp[lv], np.c_[uv0[sel, 0], q[sel, 1]])[:, 0]
+            tried += okq
+        below = hits / np.maximum(tried, 1)
         idx = near[whole]
-        total[idx] += acc[whole].mean(1)
+        total[idx] += acc[whole].mean(1) * (1.0 - below[whole])
         count[idx] += 1
         per_h[near] += acc
         seen_h[near] += seen
@@ -178,8 +210,15 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     for v in views:
         img = cv2.imread(str(image_dir / v.name), cv2.IMREAD_COLOR)
         images.append(bar_responses(img) if img is not None else np.zeros((len(BAR_HALF_WIDTHS), 1, 1), np.float32))
-    total, count, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS, nominal_radius_m, range_m)
-    score = np.where(count >= min_views, total / np.maximum(count, 1), 0.0)
+    # A pole's width is not known in advance: each cell scores its best of a few radii around the nominal one,
+    # each radius held for all the views (a pole has one width).
+    score = np.zeros(len(X))
+    count = np.zeros(len(X), int)
+    for factor in RADIUS_FACTORS:
+        t_r, c_r, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS, nominal_radius_m * factor, range_m, unit)
+        s_r = np.where(c_r >= min_views, t_r / np.maximum(c_r, 1), 0.0)
+        better = s_r > score
+        score[better], count[better] = s_r[better], c_r[better]
     grid = np.zeros(candidates[::step, ::step].shape)
     grid[rows, cols] = score
     r = max(1, int(round(nms_m / cell_m)))
@@ -210,7 +249,7 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
         above = np.nonzero(prof < TOP_DROP * low)[0]
         above = above[TOP_PROBE[above] > POLE_SAMPLE_HEIGHTS[-1]]
         height = float(TOP_PROBE[above[0]] if len(above) else TOP_PROBE[-1])
-        radius = _best_radius(views, images, foot[i], range_m)
+        radius = _best_radius(views, images, foot[i], range_m, unit)
         poles.append(Pole(float(foot[i, 0]), float(foot[i, 1]), float(foot[i, 2]), height, radius,
                           float(score[j]), int(count[j])))
     return poles
@@ -242,10 +281,13 @@ def _without_ghosts(chosen: list[int], X_N3: np.ndarray, score: np.ndarray, view
     return kept
 
 
-def _best_radius(views: list[View], images: list[np.ndarray], foot: np.ndarray, range_m: tuple[float, float]) -> float:
-    """Radius (m) whose projected width responds best, over the views that see the pole's lower part."""
+def _best_radius(views: list[View], images: list[np.ndarray], foot: np.ndarray, range_m: tuple[float, float],
+                 unit: float = 1.0) -> float:
+    """Radius (model units; `unit` per metre) whose projected width responds best, over the views that see the
+    pole's lower part."""
+    radii = [r * unit for r in (0.04, 0.06, 0.09, 0.13, 0.19, 0.28)]
     votes = []
-    for radius in (0.04, 0.06, 0.09, 0.13, 0.19, 0.28):
-        total, count, _ = _vote(views, images, foot[None], POLE_SAMPLE_HEIGHTS, radius, range_m)
+    for radius in radii:
+        total, count, _ = _vote(views, images, foot[None], POLE_SAMPLE_HEIGHTS, radius, range_m, unit)
         votes.append(total[0] / max(count[0], 1))
-    return (0.04, 0.06, 0.09, 0.13, 0.19, 0.28)[int(np.argmax(votes))]
+    return radii[int(np.argmax(votes))]
