@@ -116,6 +116,9 @@ def test_an_empty_depth_set_is_a_clear_error_not_an_open3d_crash():
         tsdf_fuse([], 0.05, 0.2, 30.0)
     with pytest.raises(StageError, match="positive voxel"):
         tsdf_fuse([DepthView(depths[0], rgb, K, poses[0])], 0.0, 0.2, 30.0)
+    # every depth beyond max_depth: nothing to integrate (open3d would abort: no voxel block touched)
+    with pytest.raises(StageError, match="no depth to fuse"):
+        tsdf_fuse([DepthView(depths[0] + 100.0, rgb, K, poses[0])], 0.05, 0.2, 30.0, what="test maps")
 
 
 # ------------------------------------------------------------------------------------------- end to end

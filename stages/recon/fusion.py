@@ -79,7 +79,10 @@ def tsdf_fuse(views: Iterable[DepthView], voxel: float, trunc: float, max_depth:
     multiplier = float(trunc / voxel)
     used = 0
     for view in views:
-        depth = np.where(np.isfinite(view.depth) & (view.depth > 0), view.depth, 0).astype(np.float32)
+        # Depths beyond max_depth are not integrated: a view with nothing nearer touches no voxel block, which
+        # open3d reports as an error, so it is skipped here.
+        depth = np.where(np.isfinite(view.depth) & (view.depth > 0) & (view.depth <= max_depth), view.depth,
+                         0).astype(np.float32)
         if not (depth > 0).any():
             continue
         d = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(depth))).to(dev)
@@ -88,8 +91,14 @@ def tsdf_fuse(views: Iterable[DepthView], voxel: float, trunc: float, max_depth:
         K[:2, 2] -= 0.5  # open3d puts the centre of pixel (0, 0) at (0, 0)
         K = o3c.Tensor(K)
         E = o3c.Tensor(np.vstack([view.cam_from_world, [0, 0, 0, 1]]).astype(np.float64))
-        blocks = vbg.compute_unique_block_coordinates(d, K, E, 1.0, float(max_depth), trunc_voxel_multiplier=multiplier)
-        vbg.integrate(blocks, d, c, K, K, E, 1.0, float(max_depth), trunc_voxel_multiplier=multiplier)
+        try:
+            blocks = vbg.compute_unique_block_coordinates(d, K, E, 1.0, float(max_depth),
+                                                          trunc_voxel_multiplier=multiplier)
+            vbg.integrate(blocks, d, c, K, K, E, 1.0, float(max_depth), trunc_voxel_multiplier=multiplier)
+        except RuntimeError as e:  # a view whose depths all fall outside its frustum's blocks touches none
+            if "No block is touched" not in str(e):
+                raise
+            continue
         used += 1
     if not used:
         raise StageError(f"no depth to fuse: every one of the {what} is empty")
