@@ -16,7 +16,8 @@ from stages.common.artifacts import read_map_rasters
 from stages.hdmap import lanes as ln
 from stages.hdmap.evaluate import evaluate_map
 from stages.hdmap.markings import Marking
-from stages.hdmap.poles import BAR_HALF_WIDTHS, bar_responses
+from stages.hdmap.ortho import View
+from stages.hdmap.poles import BAR_HALF_WIDTHS, POLE_SAMPLE_HEIGHTS, _vote, bar_responses
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.sfm import SfmParams
@@ -67,6 +68,30 @@ def test_a_bar_of_another_colour_but_the_same_brightness_is_a_bar_and_an_edge_is
     # the same image in grey: the pole is invisible (why the response is computed in colour)
     gray = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_BGR2GRAY)
     assert bar_responses(gray)[level, 20:100, 100].mean() < 0.5
+
+
+def test_a_ghost_behind_a_pole_on_the_same_ray_fails_the_foot_test():
+    """One view of a pole: a cell 3 m behind it on the same viewing ray projects its whole sampled segment onto
+    the pole's bar too, so the bar alone cannot tell them apart; the pole standing in front of the ghost's foot
+    can."""
+    import pycolmap
+
+    cam = pycolmap.Camera(model="PINHOLE", width=480, height=320, params=[300.0, 300.0, 240.0, 160.0])
+    R = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # looks along +x, z up
+    C = np.array([0.0, 0.0, 1.6])
+    view = View("v", np.c_[R, -R @ C], cam)
+    pole, radius = np.array([12.0, 4.0, 0.0]), 0.12
+    ray = (pole[:2] - C[:2]) / np.linalg.norm(pole[:2] - C[:2])
+    ghost = np.r_[pole[:2] + 3.0 * ray, 0.0]
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 6, (320, 480, 3)), 0, 255).astype(np.uint8)
+    (u0, v0), (u1, v1) = view.project(np.array([pole, pole + [0, 0, 6.0]]))[0]
+    half = radius * 300.0 / np.linalg.norm(pole[:2] - C[:2])
+    img[int(v1):int(round(v0)) + 1, int(round(u0 - half)):int(round(u0 + half)) + 1] = (200, 200, 200)
+    bars = bar_responses(img)
+    total, count, _ = _vote([view], [bars], np.stack([pole, ghost]), POLE_SAMPLE_HEIGHTS, radius, (2.0, 30.0))
+    assert count.tolist() == [1, 1]
+    assert total[0] > 0.8 and total[1] < 0.3
 
 
 def test_outputs_load_and_agree(straight_map):
