@@ -102,63 +102,75 @@ def bar_responses(image: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
+def _at_widths(resp: np.ndarray, level: np.ndarray, ok: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """The bar indicator sampled at `uv` (N, 2), each point at its own width `level`; 0 where not `ok`."""
+    out = np.zeros(len(uv))
+    for lv in np.unique(level[ok]):
+        sel = np.nonzero(ok & (level == lv))[0]
+        out[sel] = sample_bilinear(resp[lv], uv[sel])[:, 0]
+    return out
+
+
 def _vote(views: list[View], images: list[np.ndarray], X_N3: np.ndarray, heights: tuple[float, ...],
-          radius_m: float, range_m: tuple[float, float], unit: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per candidate: sum over the views that see the whole segment of the mean response along it, times the
-    share of the ground just in front of its foot that shows no bar (the foot test: a pole ends where it stands;
-    a ghost behind a pole along the viewing ray has that pole in front of its foot); the number of those views;
-    and the mean response at each height over the views that see that height (N, len(heights)). Lengths in
-    model units, `unit` per metre for FOOT_FRONT_M."""
-    total = np.zeros(len(X_N3))
+          radii_m: tuple[float, ...], range_m: tuple[float, float],
+          unit: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each pole radius in `radii_m` and each candidate: the sum over the views that see the whole segment of
+    the mean response along it, times the share of the ground just in front of its foot that shows no bar (the
+    foot test: a pole ends where it stands; a ghost behind a pole along the viewing ray has that pole in front
+    of its foot), (R, N); the number of those views (N,); and the mean response at each height over the views
+    that see that height (R, N, len(heights)). The projections are shared by the radii, which change only the
+    bar width sampled. Lengths in model units, `unit` per metre for FOOT_FRONT_M."""
+    radii = np.asarray(radii_m, float)
+    total = np.zeros((len(radii), len(X_N3)))
     count = np.zeros(len(X_N3), int)
-    per_h = np.zeros((len(X_N3), len(heights)))
+    per_h = np.zeros((len(radii), len(X_N3), len(heights)))
     seen_h = np.zeros((len(X_N3), len(heights)), int)
     hw = np.asarray(BAR_HALF_WIDTHS, float)
+
+    def levels(depth: np.ndarray, f: float) -> np.ndarray:
+        """(R, n) width level of a pole of each radius at these depths (focal length f px)."""
+        half = radii[:, None] * f / np.maximum(depth, 1e-3)[None, :]
+        return np.argmin(np.abs(hw[None, None, :] - half[:, :, None]), axis=2)
+
     for v, resp in zip(views, images):
         d = np.linalg.norm(X_N3[:, :2] - v.center[:2], axis=1)
         near = np.nonzero((d > range_m[0]) & (d < range_m[1]))[0]
         if not len(near):
             continue
         f = float(v.camera.mean_focal_length())
-        acc = np.zeros((len(near), len(heights)))
+        acc = np.zeros((len(radii), len(near), len(heights)))
         seen = np.zeros((len(near), len(heights)), bool)
         for k, h in enumerate(heights):
-            P = X_N3[near] + np.array([0.0, 0.0, h])
-            uv, depth = v.project(P)
+            uv, depth = v.project(X_N3[near] + np.array([0.0, 0.0, h]))
             ok = np.isfinite(uv[:, 0]) & (uv[:, 0] >= 0) & (uv[:, 0] < v.camera.width - 1) & (uv[:, 1] >= 0) \
                 & (uv[:, 1] < v.camera.height - 1)
             seen[:, k] = ok
-            half = radius_m * f / np.maximum(depth, 1e-3)
-            level = np.argmin(np.abs(hw[None, :] - half[:, None]), axis=1)
-            for lv in np.unique(level[ok]):
-                sel = np.nonzero(ok & (level == lv))[0]
-                acc[sel, k] = sample_bilinear(resp[lv], uv[sel])[:, 0]
+            for i, level in enumerate(levels(depth, f)):
+                acc[i, :, k] = _at_widths(resp, level, ok, uv)
         whole = seen.all(1)  # the score counts views that see the whole sampled segment
         # A pole ends at its foot: the ground just in front of it (towards the camera) shows no bar in the image.
         # A ghost behind a pole along the viewing ray has that pole there.
         uv0, depth0 = v.project(X_N3[near])
-        half0 = radius_m * f / np.maximum(depth0, 1e-3)
-        level0 = np.argmin(np.abs(hw[None, :] - half0[:, None]), axis=1)
+        level0 = levels(depth0, f)
         toward = v.center[:2] - X_N3[near, :2]
         toward /= np.maximum(np.linalg.norm(toward, axis=1, keepdims=True), 1e-9)
-        hits = np.zeros(len(near))
+        hits = np.zeros((len(radii), len(near)))
         tried = np.zeros(len(near))
         for step in FOOT_FRONT_M:
             G = X_N3[near].copy()
             G[:, :2] += step * unit * toward
             q, _ = v.project(G)
             okq = np.isfinite(q[:, 0]) & (q[:, 1] < v.camera.height - 1) & (q[:, 1] - uv0[:, 1] >= FOOT_MIN_GAP_PX)
-            for lv in np.unique(level0[okq]):
-                sel = np.nonzero(okq & (level0 == lv))[0]
-                hits[sel] += sample_bilinear(resp[lv], np.c_[uv0[sel, 0], q[sel, 1]])[:, 0]
+            for i, level in enumerate(level0):
+                hits[i] += _at_widths(resp, level, okq, np.c_[uv0[:, 0], q[:, 1]])
             tried += okq
         below = hits / np.maximum(tried, 1)
         idx = near[whole]
-        total[idx] += acc[whole].mean(1) * (1.0 - below[whole])
+        total[:, idx] += acc[:, whole].mean(2) * (1.0 - below[:, whole])
         count[idx] += 1
-        per_h[near] += acc
+        per_h[:, near] += acc
         seen_h[near] += seen
-    return total, count, per_h / np.maximum(seen_h, 1)
+    return total, count, per_h / np.maximum(seen_h, 1)[None]
 
 
 def standing(points_N3: np.ndarray, surface: HeightField, unit: float) -> np.ndarray:
@@ -212,13 +224,9 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
         images.append(bar_responses(img) if img is not None else np.zeros((len(BAR_HALF_WIDTHS), 1, 1), np.float32))
     # A pole's width is not known in advance: each cell scores its best of a few radii around the nominal one,
     # each radius held for all the views (a pole has one width).
-    score = np.zeros(len(X))
-    count = np.zeros(len(X), int)
-    for factor in RADIUS_FACTORS:
-        t_r, c_r, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS, nominal_radius_m * factor, range_m, unit)
-        s_r = np.where(c_r >= min_views, t_r / np.maximum(c_r, 1), 0.0)
-        better = s_r > score
-        score[better], count[better] = s_r[better], c_r[better]
+    total, count, _ = _vote(views, images, X, POLE_SAMPLE_HEIGHTS,
+                            tuple(nominal_radius_m * k for k in RADIUS_FACTORS), range_m, unit)
+    score = np.where(count >= min_views, total.max(0) / np.maximum(count, 1), 0.0)
     grid = np.zeros(candidates[::step, ::step].shape)
     grid[rows, cols] = score
     r = max(1, int(round(nms_m / cell_m)))
@@ -241,7 +249,7 @@ def find_poles(views: list[View], image_dir, raster: Raster, surface: HeightFiel
     chosen = _without_ghosts(chosen, X, score, views, range_m)
     foot = X[chosen]
     # Height: the vote along the pole, probed upwards; radius: the width that responds best at the foot.
-    _, _, per_h = _vote(views, images, foot, tuple(TOP_PROBE), nominal_radius_m, range_m)
+    per_h = _vote(views, images, foot, tuple(TOP_PROBE), (nominal_radius_m,), range_m, unit)[2][0]
     poles = []
     for i, j in enumerate(chosen):
         prof = per_h[i]
@@ -285,9 +293,6 @@ def _best_radius(views: list[View], images: list[np.ndarray], foot: np.ndarray, 
                  unit: float = 1.0) -> float:
     """Radius (model units; `unit` per metre) whose projected width responds best, over the views that see the
     pole's lower part."""
-    radii = [r * unit for r in (0.04, 0.06, 0.09, 0.13, 0.19, 0.28)]
-    votes = []
-    for radius in radii:
-        total, count, _ = _vote(views, images, foot[None], POLE_SAMPLE_HEIGHTS, radius, range_m, unit)
-        votes.append(total[0] / max(count[0], 1))
-    return radii[int(np.argmax(votes))]
+    radii = tuple(r * unit for r in (0.04, 0.06, 0.09, 0.13, 0.19, 0.28))
+    total, _, _ = _vote(views, images, foot[None], POLE_SAMPLE_HEIGHTS, radii, range_m, unit)
+    return radii[int(np.argmax(total[:, 0]))]
