@@ -10,7 +10,8 @@ map ground truth: its overlay is written to bench/results/hdmap_kitti06_overlay.
 Writes bench/results/hdmap.json; a run of some scenes keeps the other scenes' earlier rows (each row has its
 own date). `--seeds 1 2` also scores the synthetic scenes rendered with those synth seeds (other streets of
 the same kind), as `street@seed1` and so on: a check that a change helps streets other than the visible ones.
-Usage: `python bench/hdmap.py [--scenes street synth_turn kitti06] [--seeds N ...] [--keep DIR]`.
+`--keep DIR --reuse` runs only the hdmap stage where DIR holds an earlier --keep run's ingest and sfm outputs.
+Usage: `python bench/hdmap.py [--scenes street synth_turn kitti06] [--seeds N ...] [--keep DIR [--reuse]]`.
 """
 
 from __future__ import annotations
@@ -49,17 +50,23 @@ TARGETS = {"marking_f1": (">=", 0.9), "dash_type_accuracy": (">=", 0.9), "pole_p
            "pole_recall": (">=", 0.9), "pole_rmse_m": ("<=", 0.3), "seconds": ("<=", 120.0)}
 
 
-def bench_scene(scene: str, tmp: Path, seed: int | None = None) -> dict:
-    made = bench_sfm.make_inputs(scene, tmp, seed)
-    if isinstance(made, str):
-        return {"skipped": made}
-    ingest_dir, _ = made
-    t0 = time.perf_counter()
-    sfm = sfm_run(load_section(PARAMS, "sfm", SfmParams), frames=ingest_dir, out_dir=tmp / "sfm" / scene)
-    sfm_seconds = time.perf_counter() - t0
+def bench_scene(scene: str, tmp: Path, seed: int | None = None, reuse: bool = False) -> dict:
+    kept_ingest, kept_sfm = tmp / "ingest" / scene, tmp / "sfm" / scene
+    if reuse and (kept_ingest / "manifest.csv").is_file() and (kept_sfm / "metrics.json").is_file():
+        ingest_dir, sfm_seconds = kept_ingest, None
+        sfm_metrics = json.loads((kept_sfm / "metrics.json").read_text())
+    else:
+        made = bench_sfm.make_inputs(scene, tmp, seed)
+        if isinstance(made, str):
+            return {"skipped": made}
+        ingest_dir, _ = made
+        t0 = time.perf_counter()
+        sfm_metrics = sfm_run(load_section(PARAMS, "sfm", SfmParams), frames=ingest_dir, out_dir=kept_sfm).metrics
+        sfm_seconds = round(time.perf_counter() - t0, 1)
     res = hdmap_run(load_section(PARAMS, "hdmap", HdmapParams), frames=ingest_dir, sfm=tmp / "sfm" / scene,
                     out_dir=tmp / "hdmap" / scene)
-    out = {"sfm_gate_passed": sfm.metrics["gate_passed"], "sfm_seconds": round(sfm_seconds, 1),
+    out = {"sfm_gate_passed": sfm_metrics["gate_passed"], "sfm_seconds": sfm_seconds,
+           "sfm_reused": sfm_seconds is None,
            **{k: res.metrics.get(k) for k in KEYS}}
     out["targets"] = {}
     for key, (op, limit) in TARGETS.items():
@@ -81,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", metavar="N",
                         help="also render the synthetic scenes with these synth seeds (other streets of the same kind: "
                              "other buildings, poles, textures), scored as `<scene>@seedN`; real scenes are not repeated")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: where DIR already holds a scene's ingest and sfm outputs (an earlier --keep "
+                             "run), run only the hdmap stage on them (sfm_seconds is then null)")
     args = parser.parse_args(argv)
+    if args.reuse and not args.keep:
+        parser.error("--reuse needs --keep DIR")
     setup_logging()
     earlier = json.loads(RESULT.read_text()).get("scenes", {}) if RESULT.is_file() else {}
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{key}] ...", flush=True)
             work = Path(tmp) if seed is None else Path(tmp) / f"seed{seed}"
             results["scenes"][key] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                      **bench_scene(scene, work, seed)}
+                                      **bench_scene(scene, work, seed, args.reuse)}
             RESULT.write_text(json.dumps(bench_sfm._plain(results), indent=2) + "\n")
             r = results["scenes"][key]
             print(f"[{key}] " + ", ".join(f"{k} {v['measured']!s:.6} ({'met' if v['met'] else 'NOT met' if v['met'] is False else '-'})"

@@ -15,9 +15,11 @@ from stages import hdmap
 from stages.common.artifacts import read_map_rasters
 from stages.hdmap import lanes as ln
 from stages.hdmap.evaluate import evaluate_map
+from stages.hdmap import markings as mk
 from stages.hdmap.markings import Marking
 from stages.hdmap.ortho import View
 from stages.hdmap.poles import BAR_HALF_WIDTHS, POLE_SAMPLE_HEIGHTS, _vote, bar_responses
+from stages.hdmap.surface import Raster
 from stages.ingest import IngestParams
 from stages.ingest import run as ingest_run
 from stages.sfm import SfmParams
@@ -51,6 +53,50 @@ def test_straight_street_markings_types_poles_and_lanes_against_ground_truth(str
     assert m["dash_type_accuracy"] >= 0.9
     assert m["pole_recall"] >= 0.5 and m["pole_precision"] >= 0.6 and m["pole_rmse_m"] < 0.3
     assert m["lanes"] == 2 and m["solid"] >= 2 and m["dashed"] >= 1
+
+
+def test_paint_on_the_road_is_kept_and_a_kerb_a_verge_or_a_strip_between_shadows_is_not():
+    """A road (rows 0-140) driven along row 25, a granite kerb (141-146) and a grass verge beyond; thin bright strips
+    on each: a centre line and an edge line 0.2 m from the kerb are paint; the kerb's top, a bright strip on the
+    verge and a sunlit strip of asphalt between two shadows (thin and bright against them) are not."""
+    rng = np.random.default_rng(0)
+    h, w = 200, 400
+    grey = np.full((h, w), 90.0) + rng.normal(0, 5, (h, w))
+    grey[141:147] = 150 + rng.normal(0, 5, (6, w))  # kerb stone
+    grey[147:] = 110 + rng.normal(0, 25, (h - 147, w))  # grass: brighter, strongly textured
+    grey[85:115, 100:300] = 40 + rng.normal(0, 3, (30, 200))  # a shadow across part of the road ...
+    grey[99:102, 100:300] = 90 + rng.normal(0, 5, (3, 200))  # ... with a sunlit gap through it
+    strips = {"centre line": 50, "edge line": 135, "kerb top": 143, "verge strip": 175, "sunlit gap": 100}
+    for name, row in strips.items():
+        if name not in ("kerb top", "sunlit gap"):
+            grey[row - 1:row + 2, 60:340] = 200
+    grey[142:145, 60:340] = 185  # the kerb's top catches the light
+    rgb = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    raster = Raster(x0=0.0, y1=10.0, res=0.05, width=w, height=h)
+    paint = np.zeros((h, w), bool)
+    for row in strips.values():
+        paint[row - 1:row + 2, 60:340] = True
+    seen = np.ones((h, w), bool)
+    M = raster.world_from_pixel()
+    to_world = lambda cr: np.asarray(cr, float) @ M[:2, :2].T + M[:2, 2]  # noqa: E731
+    track = to_world([[0, 25], [w - 1, 25]])
+    road, fine, ref, scale = mk.road_mask(rgb, seen, paint, raster, track)
+    assert road[:135].mean() > 0.95 and road[150:].mean() < 0.05
+    pieces = {name: to_world([[80, row], [320, row]]) for name, row in strips.items()}
+    kept = mk.on_road(list(pieces.values()), road, paint, fine, ref, scale, raster)
+    kept_names = {name for name, p in pieces.items() if any(p is k for k in kept)}
+    assert kept_names == {"centre line", "edge line"}
+
+
+def test_a_solid_line_broken_by_short_gaps_is_solid_and_dashes_are_dashed():
+    def chain(spans):
+        return [np.array([[a, 0.0], [b, 0.0]]) for a, b in spans]
+
+    broken = chain([(0, 1.5), (2, 3.5), (4, 5.5), (6, 7.5), (10, 12)])  # painted 8 of 12 m, three 0.5 m gaps
+    dashes = chain([(0, 3), (8, 11), (16, 19)])
+    assert mk.classify(broken, 0.7, 6.0, dash_min_gap_m=1.0) == "solid"
+    assert mk.classify(broken, 0.7, 6.0, dash_min_gap_m=0.0) == "dashed"  # the fill alone says dashed
+    assert mk.classify(dashes, 0.7, 6.0, dash_min_gap_m=1.0) == "dashed"
 
 
 def test_a_bar_of_another_colour_but_the_same_brightness_is_a_bar_and_an_edge_is_not():
@@ -100,7 +146,7 @@ def test_outputs_load_and_agree(straight_map):
     kinds = {f["properties"]["kind"] for f in gj["features"]}
     assert kinds == {"lane_marking", "pole", "lane"}
     rasters = read_map_rasters(out)
-    assert rasters.names == ["surface", "markings", "poles"] and rasters.channels.dtype == np.uint8
+    assert rasters.names == ["surface", "road", "markings", "poles"] and rasters.channels.dtype == np.uint8
     ortho = cv2.imread(str(out / "ortho.png"))
     assert ortho.shape[:2] == rasters.channels.shape[1:]
     info = json.loads((out / "ortho.json").read_text())

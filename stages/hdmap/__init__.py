@@ -7,7 +7,9 @@ lanes, as files that map tools load.
   finest (nearest camera, sharpest frame), at `resolution_m` (5 cm); its pixel-to-world transform beside it.
 - Lane markings (markings.py): paint by local contrast (a top-hat against the local noise: no colour is
   assumed), vectorised into world polylines, linked along their direction, typed solid or dashed from the gap
-  pattern; only where the ground itself was seen (near sparse ground points), not walls projected on it.
+  pattern; only where the ground itself was seen (near sparse ground points), not walls projected on it, and
+  only on the road: the surface that looks like the ground under the camera path and is connected to it (a
+  kerb's top, a verge, a pavement are thin bright strips too, but not on the road).
 - Poles (poles.py): thin vertical bars voted for over all frames at candidate feet on the surface, away from
   walls and cars (clusters of sparse points); position, height, radius.
 - Lanes (lanes.py): neighbouring boundaries a lane width apart, as Lanelet2 lanelets whose bounds' subtypes
@@ -15,7 +17,8 @@ lanes, as files that map tools load.
 
 Outputs in --out: hdmap.geojson (sfm's world: LineStrings `kind: lane_marking` with `type`, Points `kind: pole`
 with `height` and `radius`, Polygons `kind: lane`), map.osm (Lanelet2; origin scene.yaml `geo_origin` or
-`hdmap.geo_origin`), rasters.npz (channels surface, markings, poles and their world_from_pixel), surface.npz
+`hdmap.geo_origin`), rasters.npz (channels surface (the ground seen), road (the surface
+driven on), markings, poles and their world_from_pixel), surface.npz
 (the height field), ortho.png + ortho.json (transform), overlay.png (the map drawn on the orthomosaic),
 metrics.json (counts, timings and, where the scene has data/raw/<scene>/hdmap.geojson, the scores of
 stages.hdmap.evaluate in the ground truth's frame through sfm's alignment).
@@ -99,6 +102,9 @@ class HdmapParams:
     """A marking painted over at least this share of its extent is solid; less, with gaps, dashed."""
     dash_max_length_m: float = 6.0
     """A lone painted piece up to this long is a dash."""
+    dash_min_gap_m: float = 1.0
+    """Gaps in a marking shorter than this count as painted when typing it (a dashed line's gaps are longer;
+    wear and missed stretches of a solid line are short)."""
     pole_cell_m: float = 0.1
     """Spacing of the candidate pole feet."""
     pole_radius_m: float = 0.1
@@ -243,6 +249,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
     lane_polys: list[np.ndarray] = []
     support = np.zeros_like(seen)
     paint = np.zeros_like(seen)
+    road = np.zeros_like(seen)
     if not model.alignment.ground:
         notes.append("no road: sfm found no ground plane below the cameras (an object or facade capture); the "
                      "marking, pole and lane layers are empty")
@@ -255,11 +262,15 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
                           params.wall_margin_m * unit, unit)
         support &= ~walls
         paint = mk.paint_mask(rgb, support, raster, params.marking_width_m[1] * unit, params.marking_contrast)
-        pieces = mk.pieces_from_mask(paint, raster, tuple(w * unit for w in params.marking_width_m),
-                                     params.marking_min_length_m * unit)
+        # Paint lies on the road: pieces on a kerb's top, a verge, a pavement or a car are not markings.
+        road, fine, road_ref, road_scale = mk.road_mask(rgb, seen, paint, raster, centers[:, :2], unit)
+        pieces = mk.on_road(mk.pieces_from_mask(paint, raster, tuple(w * unit for w in params.marking_width_m),
+                                                params.marking_min_length_m * unit),
+                            road, paint, fine, road_ref, road_scale, raster, unit)
         chains = mk.along_path(mk.link(mk.orient(pieces, path), params.link_max_gap_m * unit), path,
                                params.marking_max_angle_deg, params.lone_min_length_m * unit)
-        markings = [mk.Marking(c, mk.classify(c, params.solid_min_fill, params.dash_max_length_m * unit))
+        markings = [mk.Marking(c, mk.classify(c, params.solid_min_fill, params.dash_max_length_m * unit,
+                                                params.dash_min_gap_m * unit))
                     for c in chains]
         seconds["markings"] = time.perf_counter() - t
         lanes = find_lanes(markings, path, tuple(w * unit for w in params.lane_width_m), unit)
@@ -315,8 +326,9 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         for p in poles:
             c = tuple(int(v) for v in np.round(raster.to_pixel([[p.x, p.y]])[0]))
             cv2.circle(pole_layer, c, max(1, int(round(max(p.radius, 0.1) / raster.res))), 1, -1)
-        write_map_rasters(tmp / "rasters.npz", MapRasters(np.stack([support, paint, pole_layer > 0]).astype(np.uint8),
-                                                          ["surface", "markings", "poles"], raster.world_from_pixel()))
+        layers = np.stack([support, road, paint, pole_layer > 0]).astype(np.uint8)
+        write_map_rasters(tmp / "rasters.npz", MapRasters(layers, ["surface", "road", "markings", "poles"],
+                                                          raster.world_from_pixel()))
         np.savez_compressed(tmp / "surface.npz", z=surface.z, x0=surface.x0, y0=surface.y0, cell=surface.cell)
         cv2.imwrite(str(tmp / "ortho.png"), rgb[:, :, ::-1])
         write_json(tmp / "ortho.json", {**raster.to_json(), "frame": frame})

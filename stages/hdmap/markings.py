@@ -27,6 +27,24 @@ NOISE_WINDOW_M = 4.0
 NOISE_DOWNSAMPLE = 4
 # Skeleton polylines are simplified to within this many pixels.
 SIMPLIFY_PX = 1.5
+# The road: pixels whose local colour (Lab, averaged over ROAD_SIGMA_M) and texture (grey spread over ROAD_TEXTURE_M)
+# lie within ROAD_MADS robust spreads of those under the camera path (within ROAD_BAND_M of it), connected to it.
+ROAD_BAND_M = 0.5
+ROAD_SIGMA_M = 0.1
+ROAD_TEXTURE_M = 0.15
+ROAD_MADS = 4.0
+# Spread floors (Lab units, grey-level spread): a flat rendered road has almost none.
+ROAD_MIN_SPREAD = (2.0, 2.0, 2.0, 1.0)
+# A painted piece is kept when at least this share of its centre line lies on the road; or, within ROAD_NEAR_M of
+# it, when for this share of its samples the pixels FLANK_PX past the paint's edge on its two sides have one colour
+# (the edge looked for up to twice the widest marking out).
+ROAD_MIN_SHARE = 0.5
+ROAD_NEAR_M = 0.3
+FLANK_PX = (1, 2)
+# Paint's colour lies at least this many robust spreads from the road's median in some channel.
+PAINT_MIN_MADS = 2.0
+# The widest painted line looked past in the flank test (metres).
+MAX_LINE_WIDTH_M = 0.4
 # Linking: the next piece's start must lie within this angle of the previous piece's direction, and its own
 # direction must agree within it too (degrees); lateral offset at most LINK_MAX_OFFSET_M.
 LINK_MAX_ANGLE_DEG = 12.0
@@ -70,6 +88,111 @@ def paint_mask(rgb: np.ndarray, valid: np.ndarray, raster: Raster, max_width_m: 
     med = _local_median(tophat, raster)
     spread = 1.4826 * _local_median(np.abs(tophat - med), raster)
     return (tophat > med + contrast * np.maximum(spread, 1.0)) & valid
+
+
+def _masked_blur(img: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian average of `img` over the pixels where `weight` is 1 (normalised convolution)."""
+    num = cv2.GaussianBlur(img * weight, (0, 0), sigma_px)
+    return num / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma_px), 1e-6)
+
+
+def road_mask(rgb: np.ndarray, seen: np.ndarray, paint: np.ndarray, raster: Raster, track_N2: np.ndarray,
+              unit: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The surface the capture travelled on: pixels that look like the ground under the camera path, connected to
+    it, with the holes inside filled. Also the per-pixel colour (Lab at PRE_BLUR_M) and its reference median and
+    spread under the path, for `on_road`'s flank test.
+
+    Each pixel's features are its local Lab colour and grey-level spread, averaged without the paint pixels (so
+    a painted line takes the colour of the surface it is painted on); the reference is the median and the robust
+    spread of the features within ROAD_BAND_M of `track_N2` (the cameras' ground track: a vehicle drives on the
+    road). A capture that did not travel on the road (a pedestrian on the pavement) gets the surface it
+    travelled on.
+    """
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    fine = cv2.GaussianBlur(lab, (0, 0), PRE_BLUR_M * unit / raster.res)
+    track = np.zeros(seen.shape, np.uint8)
+    cv2.polylines(track, [np.round(raster.to_pixel(track_N2)).astype(np.int32).reshape(-1, 1, 2)], False, 1,
+                  max(1, int(round(2 * ROAD_BAND_M * unit / raster.res))))
+    band = (track > 0) & seen & ~paint
+    if band.sum() < 10:
+        return np.zeros_like(seen), fine, np.zeros(3), np.full(3, np.inf)
+    weight = (seen & ~paint).astype(np.float32)
+    sigma, tex = ROAD_SIGMA_M * unit / raster.res, ROAD_TEXTURE_M * unit / raster.res
+    grey_mean = _masked_blur(lab[..., 0], weight, tex)
+    spread = np.sqrt(np.maximum(_masked_blur(lab[..., 0] ** 2, weight, tex) - grey_mean ** 2, 0.0))
+    feats = np.stack([_masked_blur(lab[..., c], weight, sigma) for c in range(3)] + [spread], -1)
+    ref, scale = _robust(feats[band], ROAD_MIN_SPREAD)
+    like = (np.abs(feats - ref) <= ROAD_MADS * scale).all(-1) & seen
+    _, labels = cv2.connectedComponents(like.astype(np.uint8), connectivity=8)
+    ids = np.unique(labels[band & like])
+    road = ndimage.binary_fill_holes(np.isin(labels, ids[ids > 0]))
+    fine_ref, fine_scale = _robust(fine[band], ROAD_MIN_SPREAD[:3])
+    return road, fine, fine_ref, fine_scale
+
+
+def _robust(x: np.ndarray, floor) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust spread (1.4826 MAD, at least `floor`) of the rows of x."""
+    med = np.median(x, 0)
+    return med, np.maximum(1.4826 * np.median(np.abs(x - med), 0), floor)
+
+
+def _densify(px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points about 1 px apart along a pixel polyline, and the unit normal there."""
+    seg = np.linalg.norm(np.diff(px, axis=0), axis=1)
+    cum = np.r_[0.0, np.cumsum(seg)]
+    t = np.linspace(0.0, cum[-1], max(2, int(np.ceil(cum[-1])) + 1))
+    q = np.stack([np.interp(t, cum, px[:, k]) for k in range(2)], 1)
+    d = np.gradient(q, axis=0)
+    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
+    return q, np.c_[-d[:, 1], d[:, 0]]
+
+
+def on_road(pieces: list[np.ndarray], road: np.ndarray, paint: np.ndarray, fine: np.ndarray, ref: np.ndarray,
+            scale: np.ndarray, raster: Raster, unit: float = 1.0) -> list[np.ndarray]:
+    """The pieces painted on the road.
+
+    - Paint is not road-coloured: a piece whose median colour lies within PAINT_MIN_MADS spreads of the road's
+      (in the middle 95 % of a normal spread) is a sunlit strip of asphalt between two shadows, not paint.
+    - A piece whose centre line lies on the road mask for ROAD_MIN_SHARE of its length is on the road.
+    - A piece beside the road (within ROAD_NEAR_M) is on it when its two flanks, just outside its painted width,
+      are one surface (their colours within ROAD_MADS road spreads of each other): an edge line close to the
+      kerb, where the road mask (averaged over the kerb too) stops at the line. A kerb's top has road on one side
+      and a verge or a pavement on the other.
+    """
+    h, w = road.shape
+    near = cv2.dilate(road.astype(np.uint8), cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (2 * max(1, int(round(ROAD_NEAR_M * unit / raster.res))) + 1,) * 2)) > 0
+    reach = max(2, int(round(2 * MAX_LINE_WIDTH_M * unit / raster.res)))
+    keep = []
+    for p in pieces:
+        q, nrm = _densify(raster.to_pixel(p))
+        qi = np.round(q).astype(int)
+        inside = (qi[:, 0] >= 0) & (qi[:, 0] < w) & (qi[:, 1] >= 0) & (qi[:, 1] < h)
+        if not inside.any():
+            continue
+        q, nrm, qi = q[inside], nrm[inside], qi[inside]
+        if (np.abs(np.median(fine[qi[:, 1], qi[:, 0]], 0) - ref) <= PAINT_MIN_MADS * scale).all():
+            continue
+        if road[qi[:, 1], qi[:, 0]].mean() >= ROAD_MIN_SHARE:
+            keep.append(p)
+            continue
+        if near[qi[:, 1], qi[:, 0]].mean() < ROAD_MIN_SHARE:
+            continue
+        flanks = []
+        for sign in (-1.0, 1.0):
+            # Walk out of the paint along the normal; the flank is FLANK_PX pixels beyond its edge.
+            steps = np.arange(1, reach + 1)
+            pts = np.round(q[:, None, :] + sign * steps[None, :, None] * nrm[:, None, :]).astype(int)
+            pts[..., 0] = pts[..., 0].clip(0, w - 1)
+            pts[..., 1] = pts[..., 1].clip(0, h - 1)
+            out_of_paint = ~paint[pts[..., 1], pts[..., 0]]
+            edge = np.where(out_of_paint.any(1), out_of_paint.argmax(1), reach - 1)
+            at = [pts[np.arange(len(q)), np.minimum(edge + k, reach - 1)] for k in FLANK_PX]
+            flanks.append(np.mean([fine[f[:, 1], f[:, 0]] for f in at], 0))
+        same = (np.abs(flanks[0] - flanks[1]) <= ROAD_MADS * scale).all(-1)
+        if same.mean() >= ROAD_MIN_SHARE:
+            keep.append(p)
+    return keep
 
 
 def _local_median(img: np.ndarray, raster: Raster) -> np.ndarray:
@@ -214,10 +337,15 @@ def along_path(chains: list[list[np.ndarray]], path_N2: np.ndarray, max_angle_de
     return keep
 
 
-def classify(chain: list[np.ndarray], solid_min_fill: float, dash_max_length_m: float) -> str:
+def classify(chain: list[np.ndarray], solid_min_fill: float, dash_max_length_m: float,
+             dash_min_gap_m: float = 0.0) -> str:
     """solid or dashed from the gap pattern: mostly painted along its extent = solid; pieces with gaps = dashed;
-    a lone piece shorter than a dash can be = dashed."""
+    a lone piece shorter than a dash can be = dashed. Gaps shorter than `dash_min_gap_m` count as painted: a
+    dashed line's gaps are longer than that, while wear, a shadow or a missed stretch breaks a solid line into
+    pieces with short gaps."""
     marking = Marking(chain)
     if len(chain) == 1:
         return "dashed" if marking.painted_length() <= dash_max_length_m else "solid"
-    return "solid" if marking.painted_length() >= solid_min_fill * marking.extent() else "dashed"
+    gaps = [float(np.linalg.norm(b[0] - a[-1])) for a, b in zip(chain[:-1], chain[1:])]
+    painted = marking.painted_length() + sum(g for g in gaps if g < dash_min_gap_m)
+    return "solid" if painted >= solid_min_fill * marking.extent() else "dashed"
