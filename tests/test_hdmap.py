@@ -83,7 +83,7 @@ def test_paint_on_the_road_is_kept_and_a_kerb_a_verge_or_a_strip_between_shadows
     road, fine, ref, scale = mk.road_mask(rgb, seen, paint, raster, track)
     assert road[:135].mean() > 0.95 and road[150:].mean() < 0.05
     pieces = {name: to_world([[80, row], [320, row]]) for name, row in strips.items()}
-    kept = mk.on_road(list(pieces.values()), road, paint, fine, ref, scale, raster)
+    kept = mk.on_road(list(pieces.values()), road, paint, fine, ref, scale, raster, max_width=0.4)
     kept_names = {name for name, p in pieces.items() if any(p is k for k in kept)}
     assert kept_names == {"centre line", "edge line"}
 

@@ -266,7 +266,7 @@ def run(params: HdmapParams, *, frames: Path, sfm: Path, out_dir: Path) -> Hdmap
         road, fine, road_ref, road_scale = mk.road_mask(rgb, seen, paint, raster, centers[:, :2], unit)
         pieces = mk.on_road(mk.pieces_from_mask(paint, raster, tuple(w * unit for w in params.marking_width_m),
                                                 params.marking_min_length_m * unit),
-                            road, paint, fine, road_ref, road_scale, raster, unit)
+                            road, paint, fine, road_ref, road_scale, raster, params.marking_width_m[1] * unit, unit)
         chains = mk.along_path(mk.link(mk.orient(pieces, path), params.link_max_gap_m * unit), path,
                                params.marking_max_angle_deg, params.lone_min_length_m * unit)
         markings = [mk.Marking(c, mk.classify(c, params.solid_min_fill, params.dash_max_length_m * unit,

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from stages.hdmap.evaluate import sample_line
 from stages.hdmap.surface import Raster
 
 # Blur before the top-hat (metres, Gaussian sigma): below a marking's width, above the road's grain.
@@ -36,15 +37,12 @@ ROAD_MADS = 4.0
 # Spread floors (Lab units, grey-level spread): a flat rendered road has almost none.
 ROAD_MIN_SPREAD = (2.0, 2.0, 2.0, 1.0)
 # A painted piece is kept when at least this share of its centre line lies on the road; or, within ROAD_NEAR_M of
-# it, when for this share of its samples the pixels FLANK_PX past the paint's edge on its two sides have one colour
-# (the edge looked for up to twice the widest marking out).
+# it, when for this share of its samples the pixels FLANK_PX past the paint's edge on its two sides have one colour.
 ROAD_MIN_SHARE = 0.5
 ROAD_NEAR_M = 0.3
 FLANK_PX = (1, 2)
 # Paint's colour lies at least this many robust spreads from the road's median in some channel.
 PAINT_MIN_MADS = 2.0
-# The widest painted line looked past in the flank test (metres).
-MAX_LINE_WIDTH_M = 0.4
 # Linking: the next piece's start must lie within this angle of the previous piece's direction, and its own
 # direction must agree within it too (degrees); lateral offset at most LINK_MAX_OFFSET_M.
 LINK_MAX_ANGLE_DEG = 12.0
@@ -138,17 +136,14 @@ def _robust(x: np.ndarray, floor) -> tuple[np.ndarray, np.ndarray]:
 
 def _densify(px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Points about 1 px apart along a pixel polyline, and the unit normal there."""
-    seg = np.linalg.norm(np.diff(px, axis=0), axis=1)
-    cum = np.r_[0.0, np.cumsum(seg)]
-    t = np.linspace(0.0, cum[-1], max(2, int(np.ceil(cum[-1])) + 1))
-    q = np.stack([np.interp(t, cum, px[:, k]) for k in range(2)], 1)
+    q = sample_line(px, 1.0)
     d = np.gradient(q, axis=0)
     d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
     return q, np.c_[-d[:, 1], d[:, 0]]
 
 
 def on_road(pieces: list[np.ndarray], road: np.ndarray, paint: np.ndarray, fine: np.ndarray, ref: np.ndarray,
-            scale: np.ndarray, raster: Raster, unit: float = 1.0) -> list[np.ndarray]:
+            scale: np.ndarray, raster: Raster, max_width: float, unit: float = 1.0) -> list[np.ndarray]:
     """The pieces painted on the road.
 
     - Paint is not road-coloured: a piece whose median colour lies within PAINT_MIN_MADS spreads of the road's
@@ -157,12 +152,14 @@ def on_road(pieces: list[np.ndarray], road: np.ndarray, paint: np.ndarray, fine:
     - A piece beside the road (within ROAD_NEAR_M) is on it when its two flanks, just outside its painted width,
       are one surface (their colours within ROAD_MADS road spreads of each other): an edge line close to the
       kerb, where the road mask (averaged over the kerb too) stops at the line. A kerb's top has road on one side
-      and a verge or a pavement on the other.
+      and a verge or a pavement on the other. The paint's edge is looked for up to twice `max_width` (the widest
+      marking, model units) out.
     """
     h, w = road.shape
     near = cv2.dilate(road.astype(np.uint8), cv2.getStructuringElement(
         cv2.MORPH_ELLIPSE, (2 * max(1, int(round(ROAD_NEAR_M * unit / raster.res))) + 1,) * 2)) > 0
-    reach = max(2, int(round(2 * MAX_LINE_WIDTH_M * unit / raster.res)))
+    reach = max(2, int(round(2 * max_width / raster.res)))
+    steps = np.arange(1, reach + 1)
     keep = []
     for p in pieces:
         q, nrm = _densify(raster.to_pixel(p))
@@ -181,7 +178,6 @@ def on_road(pieces: list[np.ndarray], road: np.ndarray, paint: np.ndarray, fine:
         flanks = []
         for sign in (-1.0, 1.0):
             # Walk out of the paint along the normal; the flank is FLANK_PX pixels beyond its edge.
-            steps = np.arange(1, reach + 1)
             pts = np.round(q[:, None, :] + sign * steps[None, :, None] * nrm[:, None, :]).astype(int)
             pts[..., 0] = pts[..., 0].clip(0, w - 1)
             pts[..., 1] = pts[..., 1].clip(0, h - 1)
